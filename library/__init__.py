@@ -1,0 +1,1 @@
+"""Shared training and model code of the suite."""

@@ -1,0 +1,1 @@
+"""Pluggable network modules (LoRA, DyLoRA) and the LoRA tools."""
