@@ -1,0 +1,99 @@
+"""Argument parsing, --config_file / --output_config and validation before any model loads."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from library import train_args
+
+
+def _parser(sdxl=False):
+    p = argparse.ArgumentParser()
+    train_args.add_all_training_arguments(p, sdxl=sdxl)
+    return p
+
+
+def _valid(tmp_path, *extra):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x")
+    return ["--pretrained_model_name_or_path", str(model), "--network_module", "networks", *extra]
+
+
+def test_defaults_match_sd_scripts():
+    a = _parser().parse_args([])
+    assert (a.learning_rate, a.lr_scheduler, a.max_train_steps, a.network_alpha, a.save_model_as) == \
+        (2e-6, "constant", 1600, 1, "safetensors")
+    assert a.max_grad_norm == 1.0 and a.multires_noise_discount == 0.3 and a.mixed_precision == "no"
+
+
+def test_config_file_round_trip_and_command_line_wins(tmp_path):
+    p = _parser()
+    cfg = tmp_path / "args"
+    with pytest.raises(SystemExit) as e:
+        train_args.parse_args(p, ["--config_file", str(cfg), "--output_config", "--learning_rate", "3e-4",
+                                  "--network_args", "conv_dim=4", "conv_alpha=1", "--optimizer_type", "Lion"])
+    assert e.value.code == 0
+    text = (tmp_path / "args.toml").read_text()
+    assert "learning_rate = 0.0003" in text and "output_config" not in text
+    a = train_args.parse_args(p, ["--config_file", str(tmp_path / "args.toml"), "--optimizer_type", "AdamW"])
+    assert a.learning_rate == 3e-4 and a.network_args == ["conv_dim=4", "conv_alpha=1"]
+    assert a.optimizer_type == "AdamW"  # command line overrides the file
+
+
+def test_config_sections_flattened_and_unknown_key(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\nv2 = true\n[optimizer]\nlearning_rate = 1e-4\nlr_scheduler = "cosine"\n')
+    a = train_args.parse_args(_parser(), ["--config_file", str(cfg)])
+    assert a.v2 is True and a.learning_rate == 1e-4 and a.lr_scheduler == "cosine"
+    cfg.write_text('[training]\nlerning_rate = 1e-4\n')
+    with pytest.raises(ValueError, match="unknown option.*lerning_rate"):
+        train_args.parse_args(_parser(), ["--config_file", str(cfg)])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--optimizer_type", "Adamm"], "unknown optimizer"),
+    (["--network_train_unet_only", "--network_train_text_encoder_only"], "exclude each other"),
+    (["--xformers"], "--xformers"),
+    (["--mem_eff_attn"], "--mem_eff_attn"),
+    (["--full_fp16"], "--full_fp16 needs --mixed_precision fp16"),
+    (["--lr_scheduler", "cosinus"], "unknown scheduler"),
+    (["--min_timestep", "500", "--max_timestep", "100"], "need 0 <= min < max"),
+    (["--adaptive_noise_scale", "0.1"], "needs --noise_offset"),
+    (["--resume", "/no/such/state"], "--resume"),
+    (["--network_weights", "/no/such.safetensors"], "--network_weights /no/such.safetensors"),
+])
+def test_bad_arguments_fail_with_clear_message(tmp_path, extra, message):
+    a = _parser().parse_args(_valid(tmp_path, *extra))
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(")):
+        train_args.validate_args(a)
+
+
+def test_missing_model_path(tmp_path):
+    a = _parser().parse_args(["--network_module", "networks"])
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path is required"):
+        train_args.validate_args(a)
+    a = _parser().parse_args(["--network_module", "networks", "--pretrained_model_name_or_path", "/x/y.ckpt"])
+    with pytest.raises(FileNotFoundError, match="/x/y.ckpt: no such file"):
+        train_args.validate_args(a)
+
+
+def test_valid_arguments_pass_and_legacy_optimizer_flags(tmp_path):
+    a = _parser().parse_args(_valid(tmp_path, "--use_8bit_adam"))
+    train_args.validate_args(a)
+    assert train_args.optimizer_name(a) == "AdamW8bit"
+
+
+def test_sdxl_refusals(tmp_path):
+    a = _parser(True).parse_args(_valid(tmp_path, "--cache_text_encoder_outputs"))
+    with pytest.raises(ValueError, match="needs --network_train_unet_only"):
+        train_args.validate_args(a, sdxl=True)
+    ds = tmp_path / "ds.toml"
+    ds.write_text('[general]\nshuffle_caption = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n')
+    a = _parser(True).parse_args(_valid(tmp_path, "--cache_text_encoder_outputs_to_disk", "--network_train_unet_only"))
+    a.dataset_config = str(ds)
+    with pytest.raises(ValueError, match="cannot be used with shuffle_caption"):
+        train_args.validate_args(a, sdxl=True)
+    a = _parser(True).parse_args(_valid(tmp_path, "--weighted_captions"))
+    with pytest.raises(ValueError, match="--weighted_captions is not supported for SDXL"):
+        train_args.validate_args(a, sdxl=True)
