@@ -1,0 +1,22 @@
+"""Merge caption files (`<image>.caption`) into the fine-tuning metadata JSON as `caption`.
+
+    python finetune/merge_captions_to_metadata.py --full_path train_data meta_cap.json
+
+See docs/merge_captions_to_metadata.md.
+"""
+from __future__ import annotations
+
+import sys
+
+from library.dataprep import merge
+
+DESCRIPTION = ("Put each image's caption file into the metadata JSON (field 'caption'). Without --in_json an "
+               "existing out_json is read and updated; entries of the input are never dropped.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return merge.main(argv, "caption", ".caption", DESCRIPTION)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
