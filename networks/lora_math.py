@@ -1,0 +1,443 @@
+"""The arithmetic shared by the LoRA tools: reading LoRA files per module, deltas, SVD factorisation, ranks.
+
+A kohya LoRA file holds, per module `name`, `name.lora_down.weight` (rank, in) — for a Conv2d (rank, in, kh, kw)
+—, `name.lora_up.weight` (out, rank) or (out, rank, 1, 1), and `name.alpha` (a scalar; missing means
+alpha = rank). The module adds `delta = up @ down * alpha / rank` to the original weight (for a conv the
+product is taken over the flattened kernel and reshaped back).
+
+Factorising a delta back to a rank uses, in order of preference:
+- the exact thin SVD of a product of factors (`svd_of_factors`): a sum of LoRAs is `U_stack @ D_stack`, so two
+  QR decompositions and an SVD of an R x R matrix give its exact SVD without ever forming the full matrix;
+- `torch.svd_lowrank` (randomised) for a full-rank matrix when only a few singular triplets are wanted; the
+  residual of the truncation is computed exactly from the Frobenius norms and reported;
+- `torch.linalg.svd` for small matrices, where it is cheap anyway.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from library.file_io import CheckpointError, atomic_path
+from library.tensor_stream import TensorFile
+
+logger = logging.getLogger(__name__)
+
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+MIN_SV = 1e-6  # a delta whose largest singular value is below this is treated as zero
+
+
+# ----------------------------------------------------------------------------------------------- reading
+@dataclass
+class ModuleInfo:
+    """Shapes of one LoRA module, known from the file header without loading data."""
+
+    name: str
+    down_shape: tuple[int, ...]
+    up_shape: tuple[int, ...]
+    has_alpha: bool
+
+    @property
+    def rank(self) -> int:
+        return self.down_shape[0]
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.down_shape) == 4
+
+    @property
+    def is_conv3x3(self) -> bool:
+        return self.is_conv and tuple(self.down_shape[2:]) != (1, 1)
+
+    @property
+    def out_features(self) -> int:
+        return self.up_shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the delta (and of the weight it is added to)."""
+        return (self.up_shape[0], self.down_shape[1], *self.down_shape[2:])
+
+
+@dataclass
+class LoRAModule:
+    """One module's factors and alpha, loaded."""
+
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`up @ down * alpha / rank`, shaped like the original weight."""
+        return delta_weight(self.up, self.down, self.scale, dtype)
+
+
+class LoRAFile:
+    """A LoRA file opened lazily: its modules (shapes from the header), metadata, and per-module loading."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = TensorFile(self.path)
+        self.metadata: dict[str, str] = dict(self._file.metadata)
+        self.modules: dict[str, ModuleInfo] = _group_keys(self._file, self.path)
+
+    def load(self, name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoRAModule:
+        info = self.modules[name]
+        down = self._file.get(name + DOWN, dtype).to(device)
+        up = self._file.get(name + UP, dtype).to(device)
+        alpha = float(self._file.get(name + ALPHA).float().item()) if info.has_alpha else float(info.rank)
+        return LoRAModule(name, down, up, alpha)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "LoRAFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _group_keys(f: TensorFile, path: Path) -> dict[str, ModuleInfo]:
+    names: dict[str, dict[str, str]] = {}
+    for key in f.keys():
+        for suffix in (DOWN, UP, ALPHA):
+            if key.endswith(suffix):
+                names.setdefault(key[: -len(suffix)], {})[suffix] = key
+                break
+        else:
+            raise CheckpointError(_foreign_key_message(path, key))
+    modules: dict[str, ModuleInfo] = {}
+    for name, parts in names.items():
+        if DOWN not in parts or UP not in parts:
+            missing = "lora_down.weight" if DOWN not in parts else "lora_up.weight"
+            raise CheckpointError(f"{path}: module {name} has no {missing}")
+        down, up = f.shape(name + DOWN), f.shape(name + UP)
+        if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0] or (len(up) == 4 and tuple(up[2:]) != (1, 1)):
+            raise CheckpointError(f"{path}: module {name} has inconsistent shapes lora_down {list(down)}, lora_up {list(up)}")
+        modules[name] = ModuleInfo(name, tuple(down), tuple(up), ALPHA in parts)
+    if not modules:
+        raise CheckpointError(f"{path}: holds no LoRA modules (no *.lora_down.weight keys)")
+    return modules
+
+
+def _foreign_key_message(path: Path, key: str) -> str:
+    kind = ""
+    if any(s in key for s in ("hada_", "lokr_", "lora_mid", ".diff", "oft_")):
+        kind = " (a LyCORIS LoHa/LoKr/LoCon-CP/OFT tensor)"
+    elif "lora_A" in key or "lora.down" in key:
+        kind = " (a diffusers/PEFT-format LoRA)"
+    return (f"{path}: key {key}{kind} is not a kohya LoRA key; expected <module>.lora_down.weight, "
+            f"<module>.lora_up.weight and <module>.alpha")
+
+
+def open_loras(paths: Sequence[str | os.PathLike]) -> list[LoRAFile]:
+    """Open every LoRA file (headers only) so that bad input is reported before any heavy work."""
+    return [LoRAFile(p) for p in paths]
+
+
+# ----------------------------------------------------------------------------------------------- deltas
+def delta_weight(up: torch.Tensor, down: torch.Tensor, scale: float = 1.0,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`up @ down * scale` in the weight's shape; conv factors are multiplied over the flattened kernel."""
+    if dtype is not None:
+        up, down = up.to(dtype), down.to(dtype)
+    rank = down.shape[0]
+    product = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
+    return (product * scale).reshape(up.shape[0], *down.shape[1:])
+
+
+def fit_to_weight(delta: torch.Tensor, weight_shape: Sequence[int], name: str = "") -> torch.Tensor:
+    """Reshape a delta to the weight's shape (Linear vs 1x1 conv), or raise naming both shapes."""
+    if tuple(delta.shape) == tuple(weight_shape):
+        return delta
+    if delta.numel() == math.prod(weight_shape) and delta.shape[0] == weight_shape[0]:
+        return delta.reshape(weight_shape)
+    raise ValueError(f"LoRA module {name}: delta shape {list(delta.shape)} does not fit weight shape "
+                     f"{list(weight_shape)} (a LoRA for another model version or architecture?)")
+
+
+# ----------------------------------------------------------------------------------------------- SVD
+@dataclass
+class Factorization:
+    """`up @ down` (weight-shaped via `delta_weight(up, down)`) approximating a delta at `rank`."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    singular_values: torch.Tensor  # the kept ones
+    total_fro: float  # Frobenius norm of the delta that was factorised
+    retained_fro: float  # Frobenius norm of the kept part
+    solver: str
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def fro_retained_fraction(self) -> float:
+        return 1.0 if self.total_fro == 0 else self.retained_fro / self.total_fro
+
+    @property
+    def relative_error(self) -> float:
+        """||delta - up @ down||_F / ||delta||_F, exact (from the norms, the kept part being a projection)."""
+        if self.total_fro == 0:
+            return 0.0
+        return math.sqrt(max(self.total_fro ** 2 - self.retained_fro ** 2, 0.0)) / self.total_fro
+
+
+def svd_of_factors(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]):
+    """Exact thin SVD (U, S, Vh) of `sum_i ups[i] @ downs[i]` (2-D factors) without forming the product.
+
+    Stacking gives `A = Us @ Ds` with inner size R; `Us = Qu Ru`, `Ds^T = Qd Rd` (QR), so
+    `A = Qu (Ru Rd^T) Qd^T` and the SVD of the R x R core gives A's singular triplets.
+    """
+    us = torch.cat([u.reshape(u.shape[0], -1) for u in ups], dim=1)
+    ds = torch.cat([d.reshape(d.shape[0], -1) for d in downs], dim=0)
+    qu, ru = torch.linalg.qr(us)
+    qd, rd = torch.linalg.qr(ds.T)
+    u, s, vh = torch.linalg.svd(ru @ rd.T)
+    return qu @ u, s, vh @ qd.T
+
+
+def truncated_svd(mat: torch.Tensor, rank: int, solver: str = "auto", oversample: int = 8, niter: int = 4):
+    """Top-`rank` singular triplets (U, S, Vh) of a 2-D matrix and the solver used.
+
+    `solver`: `exact` (torch.linalg.svd), `randomized` (torch.svd_lowrank with `rank + oversample` columns and
+    `niter` power iterations: exact for matrices of rank <= rank + oversample, near-optimal otherwise) or
+    `auto` (randomized only where the matrix is much larger than the requested rank).
+    """
+    if solver not in ("auto", "exact", "randomized"):
+        raise ValueError(f"unknown SVD solver {solver!r}; expected auto, exact or randomized")
+    small = min(mat.shape)
+    q = min(rank + oversample, small)
+    if solver == "exact" or (solver == "auto" and small <= 4 * q):
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank], "exact"
+    u, s, v = torch.svd_lowrank(mat, q=q, niter=niter)
+    return u[:, :rank], s[:rank], v[:, :rank].T, "randomized"
+
+
+def factorize(weight_shape: Sequence[int], rank: int, *, delta: torch.Tensor | None = None,
+              ups: Sequence[torch.Tensor] | None = None, downs: Sequence[torch.Tensor] | None = None,
+              solver: str = "auto", dynamic_method: str | None = None, dynamic_param: float | None = None,
+              ) -> Factorization:
+    """Factor a delta (given as a dense `delta` or as a sum of factor products) to at most `rank`.
+
+    Returns up (out, r[,1,1]) and down (r, in[,kh,kw]) with the singular values folded into `up`, so that
+    `delta_weight(up, down)` approximates the delta with the optimal (Eckart-Young) error for exact solvers.
+    `dynamic_method` chooses the rank per module (see `select_rank`), capped at `rank`.
+    """
+    out_dim = weight_shape[0]
+    in_flat = math.prod(weight_shape[1:])
+    max_rank = min(rank, out_dim, in_flat)
+    if ups is not None and sum(u.shape[1] for u in ups) < min(out_dim, in_flat):
+        u, s, vh = svd_of_factors(ups, downs)
+        total, solver_used = float(torch.linalg.vector_norm(s)), "exact-factored"
+    else:
+        if delta is None:
+            delta = sum(delta_weight(u, d) for u, d in zip(ups, downs))
+        mat = delta.reshape(out_dim, in_flat)
+        total = float(torch.linalg.vector_norm(mat))
+        u, s, vh, solver_used = truncated_svd(mat, max_rank, solver)
+    new_rank = max(1, min(select_rank(s, max_rank, dynamic_method, dynamic_param), s.shape[0]))
+    u, s, vh = u[:, :new_rank], s[:new_rank], vh[:new_rank]
+    up = (u * s.unsqueeze(0)).contiguous()
+    down = vh.contiguous()
+    if len(weight_shape) == 4:
+        up = up.reshape(out_dim, new_rank, 1, 1)
+        down = down.reshape(new_rank, *weight_shape[1:])
+    retained = float(torch.linalg.vector_norm(s))
+    return Factorization(up, down, s, total, min(retained, total), solver_used)
+
+
+def select_rank(s: torch.Tensor, max_rank: int, method: str | None = None, param: float | None = None) -> int:
+    """Rank to keep from descending singular values `s` (kohya resize_lora semantics), at most `max_rank`.
+
+    - None: `max_rank`.
+    - `sv_ratio`: keep singular values larger than s[0] / param (param >= 1).
+    - `sv_cumulative`: smallest k with sum(s[:k]) / sum(s) >= param (0 < param <= 1).
+    - `sv_fro`: smallest k with ||s[:k]|| / ||s|| >= param, the retained Frobenius-norm fraction (0 < param <= 1).
+    A zero delta keeps rank 1.
+    """
+    if s.numel() == 0 or float(s[0]) <= MIN_SV:
+        return 1
+    if method is None:
+        k = max_rank
+    elif method == "sv_ratio":
+        k = int((s > s[0] / param).sum())
+    elif method == "sv_cumulative":
+        k = _first_reaching(torch.cumsum(s, 0) / s.sum(), param)
+    elif method == "sv_fro":
+        k = _first_reaching(torch.sqrt(torch.cumsum(s ** 2, 0) / (s ** 2).sum()), param)
+    else:
+        raise ValueError(f"unknown dynamic method {method!r}; expected one of {', '.join(DYNAMIC_METHODS)}")
+    return max(1, min(k, max_rank))
+
+
+def _first_reaching(fractions: torch.Tensor, target: float) -> int:
+    reached = (fractions >= target - 1e-7).nonzero()
+    return int(reached[0]) + 1 if reached.numel() else fractions.numel()
+
+
+def validate_dynamic(method: str | None, param: float | None) -> None:
+    """Check `--dynamic_method` / `--dynamic_param` before any work; raises ValueError naming the flag."""
+    if method is None:
+        return
+    if method not in DYNAMIC_METHODS:
+        raise ValueError(f"--dynamic_method {method}: expected one of {', '.join(DYNAMIC_METHODS)}")
+    if param is None:
+        raise ValueError(f"--dynamic_method {method} needs --dynamic_param")
+    if method == "sv_ratio" and param < 1:
+        raise ValueError(f"--dynamic_param {param}: sv_ratio needs a ratio >= 1 (largest / smallest kept value)")
+    if method in ("sv_fro", "sv_cumulative") and not 0 < param <= 1:
+        raise ValueError(f"--dynamic_param {param}: {method} needs a fraction in (0, 1]")
+
+
+# ----------------------------------------------------------------------------------------------- devices
+def resolve_device(name: str | None) -> torch.device:
+    """`cpu`, `cuda`, `cuda:1`, `mps` (None = cpu); a clear error where that device is not available."""
+    name = name or "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------- families
+def lora_family(lora: LoRAFile) -> str | None:
+    """`sdxl`, `sd2`, `sd1`, or None when it cannot tell (e.g. a UNet-only SD1/SD2 LoRA without metadata)."""
+    names = list(lora.modules)
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names) or any(
+            n.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks", "lora_unet_label_emb"))
+            for n in names):
+        return "sdxl"
+    md = lora.metadata
+    base = (md.get("ss_base_model_version") or md.get("modelspec.architecture") or "").lower()
+    if "sdxl" in base or "xl" in base.split("_"):
+        return "sdxl"
+    te = [lora.modules[n] for n in names if n.startswith("lora_te_")]
+    if te:
+        width = te[0].down_shape[1] if te[0].name.endswith(("q_proj", "k_proj", "v_proj", "fc1")) else None
+        if width in (768, 1024):
+            return "sd1" if width == 768 else "sd2"
+    if md.get("ss_v2") in ("True", "true"):
+        return "sd2"
+    if md.get("ss_v2") in ("False", "false"):
+        return "sd1"
+    if base.startswith("sd_v1"):
+        return "sd1"
+    if base.startswith("sd_v2"):
+        return "sd2"
+    return None
+
+
+def check_same_family(loras: Sequence[LoRAFile], expected: str | None = None, what: str = "") -> str | None:
+    """Raise when the LoRAs (and the model, `expected`) are of different families (v1 / v2 / SDXL)."""
+    known = {str(l.path): lora_family(l) for l in loras}
+    families = {f for f in known.values() if f is not None}
+    if expected is not None:
+        for path, fam in known.items():
+            if fam is not None and fam != expected:
+                raise ValueError(f"{path} is a {FAMILY_NAMES[fam]} LoRA but {what or 'the model'} is {FAMILY_NAMES[expected]}")
+        return expected
+    if len(families) > 1:
+        listing = ", ".join(f"{Path(p).name}: {FAMILY_NAMES[f]}" for p, f in known.items() if f)
+        raise ValueError(f"cannot merge LoRAs of different model versions ({listing})")
+    return next(iter(families), None)
+
+
+FAMILY_NAMES = {"sd1": "SD 1.x (v1)", "sd2": "SD 2.x (v2)", "sdxl": "SDXL"}
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+def merged_metadata(sources: Sequence[Mapping[str, str]], recipe: Mapping[str, object]) -> dict[str, str]:
+    """Metadata of a file made from several inputs: keys equal in all inputs are kept, differing ones dropped,
+    hashes (which describe the old files) dropped, and the recipe recorded under `ss_merge_recipe`."""
+    common: dict[str, str] = {}
+    if sources:
+        first = sources[0]
+        for key, value in first.items():
+            if key.startswith("sshs_"):
+                continue
+            if all(s.get(key) == value for s in sources[1:]):
+                common[key] = value
+    common["ss_merge_recipe"] = json.dumps(recipe, ensure_ascii=False)
+    return common
+
+
+def dims_metadata(ranks: Iterable[int], alphas: Iterable[float]) -> dict[str, str]:
+    """`ss_network_dim` / `ss_network_alpha`: the common value, or "Dynamic" where modules differ."""
+    ranks, alphas = set(ranks), {float(a) for a in alphas}
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic",
+        "ss_network_alpha": _fmt_alpha(next(iter(alphas))) if len(alphas) == 1 else "Dynamic",
+    }
+
+
+def _fmt_alpha(a: float) -> str:
+    return str(int(a)) if float(a).is_integer() else str(a)
+
+
+def source_record(lora: LoRAFile, ratio: float) -> dict[str, object]:
+    rec: dict[str, object] = {"file": lora.path.name, "ratio": ratio}
+    for key in ("sshs_model_hash", "ss_output_name", "ss_network_dim", "ss_network_alpha"):
+        if key in lora.metadata:
+            rec[key] = lora.metadata[key]
+    return rec
+
+
+def addnet_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` / `sshs_legacy_hash` as kohya writes them (sha256 of the file bytes, computed on the
+    file written with only the `ss_` metadata), which A1111's additional-networks extension shows."""
+    import hashlib
+    import io
+
+    from safetensors.torch import save
+
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, ss_only)
+    n = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(io.BytesIO(blob[8 + n:]).read()).hexdigest()
+    legacy = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy}
+
+
+def save_lora(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str],
+              dtype: torch.dtype | None) -> None:
+    """Write a LoRA state dict atomically in `dtype` (alphas stay float32 scalars), with hashes in the metadata."""
+    out = {k: (v.to(dtype) if dtype is not None and not k.endswith(ALPHA) and v.is_floating_point() else v)
+           .detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = dict(metadata)
+    with atomic_path(path) as tmp:
+        if Path(path).suffix.lower() == ".safetensors":
+            from safetensors.torch import save_file
+
+            meta.update(addnet_hashes(out, meta))
+            save_file(out, tmp, metadata={str(k): str(v) for k, v in meta.items()})
+        else:
+            torch.save(out, tmp)
