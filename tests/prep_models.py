@@ -50,3 +50,29 @@ def write_tiny_tagger(folder: Path, size: int = 64, fixed_batch: int | None = No
     lines = ["tag_id,name,category,count"] + [f"{i},{name},{cat},100" for i, (name, cat) in enumerate(TAGGER_TAGS)]
     (folder / "selected_tags.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+BLIP_WORDS = ("[PAD] [UNK] [CLS] [SEP] [MASK] [DEC] a picture of cat dog red blue green girl sitting on the with "
+              "sword castle night").split()
+
+
+def write_tiny_blip(folder: Path, seed: int = 0) -> Path:
+    """A random-weight BLIP captioner (tiny vision and text towers, 32x32 input) with a small BERT word-piece
+    tokenizer, saved like a hub model: pass the folder as --caption_weights."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers import BlipImageProcessorPil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(BLIP_WORDS) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(BLIP_WORDS), max_position_embeddings=128, encoder_hidden_size=32,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=0, sep_token_id=3, eos_token_id=3, **tiny),
+        vision_config=dict(image_size=32, patch_size=8, **tiny))
+    torch.manual_seed(seed)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder
