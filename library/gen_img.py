@@ -1,0 +1,383 @@
+"""The command line of gen_img_diffusers.py (SD1.x/2.x) and sdxl_gen_img.py (SDXL): one implementation.
+
+Text-to-image with any number of LoRA networks (applied with per-prompt multipliers, or merged), sd-scripts'
+prompt options (`--n --w --h --d --l --nl --s --am` and SDXL's `--ow --oh --nw --nh --ct --cl`), A1111-weighted
+and long prompts, PNGs with the generation settings in text chunks. The sampling itself is library.sampling.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import logging
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from library import sampling as S
+from library.image_output import png_metadata, save_png
+
+logger = logging.getLogger(__name__)
+
+# sd-scripts options this suite does not implement: accepted by the parser so that using one gives a clear error
+UNSUPPORTED = {
+    "img2img / inpainting": ["image_path", "mask_path", "strength", "use_original_file_name", "clip_vision_strength"],
+    "highres fix": ["highres_fix_scale", "highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st",
+                    "highres_fix_latents_upscaling", "highres_fix_upscaler", "highres_fix_upscaler_args",
+                    "highres_fix_disable_control_net"],
+    "ControlNet / guidance": ["control_net_models", "control_net_preps", "control_net_weights", "control_net_ratios",
+                              "control_net_multipliers", "control_net_lllite_models", "guide_image_path",
+                              "clip_guidance_scale", "clip_image_guidance_scale", "vgg16_guidance_scale",
+                              "vgg16_guidance_layer"],
+    "Textual Inversion": ["textual_inversion_embeddings", "XTI_embeddings"],
+    "Deep Shrink": ["ds_depth_1", "ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio"],
+    "regional networks / VAE slicing": ["network_regional_mask_max_color_codes", "vae_slices"],
+}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def build_parser(sdxl: bool) -> argparse.ArgumentParser:
+    """The argument parser of sdxl_gen_img.py (`sdxl=True`) or gen_img_diffusers.py."""
+    size = 1024 if sdxl else 512
+    p = argparse.ArgumentParser(
+        prog="sdxl_gen_img.py" if sdxl else "gen_img_diffusers.py",
+        description=f"Generate images with Stable Diffusion {'XL ' if sdxl else '1.x/2.x '}and LoRA networks. "
+                    "Prompt options: --n negative, --w/--h size, --d seed(s), --l scale, --nl negative scale, "
+                    "--s steps, --am network multipliers" + (", --ow/--oh/--nw/--nh/--ct/--cl size conditioning."
+                                                              if sdxl else "."))
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", required=True, help="model: .safetensors/.ckpt file or Diffusers folder")
+    if not sdxl:
+        g.add_argument("--v2", action="store_true", help="the model is Stable Diffusion 2.x")
+        g.add_argument("--v_parameterization", action="store_true", help="v-prediction model (SD2 768-v)")
+    g.add_argument("--vae", help="VAE to use instead of the model's (file or Diffusers folder)")
+    g.add_argument("--tokenizer_cache_dir", help="folder caching the tokenizers (for offline use)")
+    g.add_argument("--fp16", action="store_true", help="run in float16")
+    g.add_argument("--bf16", action="store_true", help="run in bfloat16")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 with --fp16/--bf16")
+    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    g.add_argument("--xformers", action="store_true", help="xformers memory-efficient attention (CUDA only)")
+    g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
+    g.add_argument("--mem_eff_attn", action="store_true", help="memory-efficient attention (uses SDPA)")
+    g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory format for the models")
+
+    g = p.add_argument_group("prompts and seeds")
+    g.add_argument("--prompt", help="the prompt (prompt options such as --n may follow inside the string)")
+    g.add_argument("--from_file", help="prompt file: .txt one prompt a line (# comments), or .toml/.json")
+    g.add_argument("--interactive", action="store_true", help="read prompts from standard input until EOF")
+    g.add_argument("--no_preview", action="store_true", help="accepted for compatibility (no preview window)")
+    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list this often (default 1)")
+    g.add_argument("--seed", type=int, help="seed of a single image, or seed of the seeds of many images")
+    g.add_argument("--iter_same_seed", action="store_true",
+                   help="without --seed/--d, all prompts of one iteration share one random seed")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--W", type=int, default=size, help=f"image width (default {size})")
+    g.add_argument("--H", type=int, default=size, help=f"image height (default {size})")
+    g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    g.add_argument("--sampler", default="ddim", choices=S.SAMPLERS, help="sampler (default ddim)")
+    g.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
+    g.add_argument("--negative_scale", type=float, help="separate guidance scale for the negative prompt")
+    g.add_argument("--clip_skip", type=int, help="use the n-th layer from the end of the text encoder (SD1/2)")
+    g.add_argument("--max_embeddings_multiples", type=int, default=1,
+                   help="prompt length in units of 75 tokens: 1, 2 or 3 (default 1)")
+    g.add_argument("--batch_size", type=int, default=1, help="images per batch (default 1)")
+    g.add_argument("--vae_batch_size", type=float, help="VAE decode batch size; < 1 is a ratio of --batch_size")
+    if sdxl:
+        g = p.add_argument_group("SDXL size conditioning (default: the image size, no crop)")
+        for name in ("original_width", "original_height", "original_width_negative", "original_height_negative",
+                     "crop_top", "crop_left"):
+            g.add_argument(f"--{name}", type=int, help=name.replace("_", " "))
+
+    g = p.add_argument_group("output")
+    g.add_argument("--outdir", default="outputs", help="output folder (default outputs)")
+    g.add_argument("--sequential_file_name", action="store_true", help="name files im_000001.png, ...")
+
+    g = p.add_argument_group("networks (LoRA)")
+    g.add_argument("--network_module", nargs="*", help="module of each network (one for all; default networks.lora)")
+    g.add_argument("--network_weights", nargs="*", help="weights file of each network")
+    g.add_argument("--network_mul", type=float, nargs="*", help="multiplier of each network (default 1.0)")
+    g.add_argument("--network_args", nargs="*", help='per network "key=value;key=value" options')
+    g.add_argument("--network_show_meta", action="store_true", help="log each network file's metadata")
+    g.add_argument("--network_merge", action="store_true", help="merge all networks into the model weights")
+    g.add_argument("--network_merge_n_models", type=int, help="merge the first N networks, apply the others")
+    g.add_argument("--network_pre_calc", action="store_true", help="accepted for compatibility (no effect)")
+
+    for names in UNSUPPORTED.values():
+        for name in names:
+            p.add_argument(f"--{name}", nargs="*", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+def validate_args(args: argparse.Namespace, sdxl: bool) -> None:
+    """Every check that needs no model: raises ValueError / FileNotFoundError naming the flag."""
+    for feature, names in UNSUPPORTED.items():
+        for name in names:
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name} ({feature}) is not supported by this generation script")
+    if args.fp16 and args.bf16:
+        raise ValueError("--fp16 and --bf16 are exclusive; choose one")
+    ckpt = Path(args.ckpt)
+    if not ckpt.exists() and not _HUB_ID.match(args.ckpt):
+        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or folder")
+    if args.vae and not Path(args.vae).exists():
+        raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
+    if not (args.prompt or args.from_file or args.interactive):
+        raise ValueError("give --prompt, --from_file or --interactive")
+    if args.from_file and not Path(args.from_file).is_file():
+        raise FileNotFoundError(f"--from_file {args.from_file}: no such file")
+    for flag in ("images_per_prompt", "n_iter", "batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    if not 1 <= args.max_embeddings_multiples <= 3:
+        raise ValueError(f"--max_embeddings_multiples {args.max_embeddings_multiples}: expected 1, 2 or 3")
+    if args.W % 8 or args.H % 8:
+        logger.warning("--W/--H %dx%d: rounded down to multiples of 8", args.W, args.H)
+    _validate_networks(args)
+    if args.xformers or args.diffusers_xformers:
+        _check_xformers(args.device)
+
+
+def _validate_networks(args: argparse.Namespace) -> None:
+    weights = args.network_weights or []
+    modules = args.network_module or []
+    if not weights and not modules:
+        return
+    if not weights:
+        raise ValueError("--network_module given without --network_weights; every network needs a weights file")
+    if len(modules) not in (0, 1, len(weights)):
+        raise ValueError(f"--network_module: give one module for all networks or one per --network_weights "
+                         f"({len(weights)}), got {len(modules)}")
+    for n, flag in ((args.network_mul, "--network_mul"), (args.network_args, "--network_args")):
+        if n is not None and len(n) > len(weights):
+            raise ValueError(f"{flag}: {len(n)} values for {len(weights)} networks")
+    for w in weights:
+        if not Path(w).is_file():
+            raise FileNotFoundError(f"--network_weights {w}: no such file")
+    for arg in args.network_args or []:
+        for item in filter(None, arg.split(";")):
+            if "=" not in item:
+                raise ValueError(f"--network_args {arg!r}: expected key=value pairs separated by ';'")
+
+
+def _check_xformers(device: str | None) -> None:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as e:  # ImportError, or an extension built for another torch/CUDA
+        raise ValueError(f"--xformers: xformers is not usable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "use --sdpa (the default attention)") from None
+    if not torch.cuda.is_available() or (device and not device.startswith("cuda")):
+        raise ValueError("--xformers needs a CUDA device; use --sdpa on CPU")
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+def model_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+
+
+def load_components(args: argparse.Namespace, sdxl: bool, dtype: torch.dtype, device: torch.device):
+    """Load the model (and --vae) and put it on `device` in `dtype` (the VAE in float32 where needed)."""
+    from library.model_loading import load_models
+
+    comps = load_models(args.ckpt, v2=getattr(args, "v2", False), sdxl=sdxl,
+                        v_parameterization=getattr(args, "v_parameterization", False), vae=args.vae,
+                        tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=dtype)
+    return prepare_components(comps, args, dtype, device)
+
+
+def prepare_components(comps, args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
+    """Move models to device/dtype, eval mode, attention implementation."""
+    vae_fp32 = args.no_half_vae or (comps.is_sdxl and dtype == torch.float16)  # SDXL's VAE overflows in fp16
+    comps.vae.to(device, torch.float32 if vae_fp32 else dtype).eval()
+    comps.unet.to(device, dtype).eval()
+    for te in comps.text_encoders:
+        te.to(device, dtype).eval()
+    if args.xformers or args.diffusers_xformers:
+        comps.unet.enable_xformers_memory_efficient_attention()
+        comps.vae.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        comps.unet.set_attn_processor(AttnProcessor2_0())
+    if args.opt_channels_last:
+        comps.unet.to(memory_format=torch.channels_last)
+        comps.vae.to(memory_format=torch.channels_last)
+    return comps
+
+
+def load_networks(args: argparse.Namespace, comps, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[list[Any], list[float], list[dict[str, Any]]]:
+    """Create, then apply or merge each network. Returns (applied networks, their default multipliers,
+    descriptions of every network for the PNG metadata)."""
+    from library.file_io import read_metadata
+
+    weights = args.network_weights or []
+    modules = args.network_module or ["networks.lora"]
+    n_merge = len(weights) if args.network_merge else (args.network_merge_n_models or 0)
+    applied, default_muls, described = [], [], []
+    for i, file in enumerate(weights):
+        module = importlib.import_module(modules[i] if len(modules) > 1 else modules[0])
+        mul = args.network_mul[i] if args.network_mul and i < len(args.network_mul) else 1.0
+        kwargs = dict(item.split("=", 1) for item in (args.network_args[i].split(";")
+                      if args.network_args and i < len(args.network_args) else []) if item)
+        if args.network_show_meta:
+            logger.info("metadata of %s: %s", file, read_metadata(file))
+        network, weights_sd = module.create_network_from_weights(mul, file, comps.vae, comps.text_encoder,
+                                                                 comps.unet, for_inference=True, **kwargs)
+        merge = i < n_merge and network.is_mergeable()
+        if i < n_merge and not merge:
+            logger.warning("%s cannot be merged; it is applied instead", file)
+        if merge:
+            network.merge_to(comps.text_encoder, comps.unet, weights_sd, dtype, device)
+        else:
+            network.apply_to(comps.text_encoder, comps.unet)
+            network.load_state_dict(weights_sd, strict=False)
+            network.to(device, dtype).eval()
+            applied.append(network)
+            default_muls.append(mul)
+        described.append({"file": Path(file).name, "multiplier": mul, "merged": merge})
+        logger.info("network %s: %s with multiplier %g", file, "merged" if merge else "applied", mul)
+    return applied, default_muls, described
+
+
+# ---------------------------------------------------------------------------------------------------- jobs
+
+class SeedSource:
+    """sd-scripts' seeds: --seed alone fixes the one image; with many images it seeds the seeds."""
+
+    def __init__(self, seed: int | None, total: int | None, iter_same_seed: bool):
+        self.seed, self.iter_same_seed = seed, iter_same_seed
+        self.single = seed is not None and total == 1
+        self.rng = random.Random(seed) if seed is not None else None
+        self.iter_seed = S.random_seed()
+
+    def new_iteration(self) -> None:
+        self.iter_seed = S.random_seed()
+
+    def next(self) -> int:
+        if self.single:
+            return self.seed
+        if self.rng is not None:
+            return self.rng.randint(0, 0x7FFFFFFF)
+        return self.iter_seed if self.iter_same_seed else S.random_seed()
+
+
+def jobs_for_prompt(spec: S.PromptSpec, defaults: S.JobDefaults, count: int, seeds: SeedSource) -> list[S.ImageJob]:
+    """`count` jobs of one prompt; `--d a,b,c` gives the seeds in order (the last repeats when short)."""
+    jobs = []
+    for k in range(count):
+        if spec.seeds:
+            seed = spec.seeds[min(k, len(spec.seeds) - 1)]
+        else:
+            seed = seeds.next()
+        jobs.append(S.make_job(spec, defaults, seed))
+    return jobs
+
+
+def job_defaults(args: argparse.Namespace, sdxl: bool, network_muls: Sequence[float]) -> S.JobDefaults:
+    kw = {}
+    if sdxl:
+        kw = {name: getattr(args, name) for name in ("original_width", "original_height", "original_width_negative",
+                                                     "original_height_negative")}
+        kw.update(crop_top=args.crop_top or 0, crop_left=args.crop_left or 0)
+    return S.JobDefaults(width=args.W, height=args.H, steps=args.steps, scale=args.scale, sampler=args.sampler,
+                         negative_scale=args.negative_scale, network_muls=tuple(network_muls) or None, **kw)
+
+
+def _interactive_prompts() -> Iterator[S.PromptSpec]:
+    while True:
+        try:
+            line = input("prompt> ")
+        except EOFError:
+            return
+        if line.split(" --")[0].strip():
+            try:
+                yield S.parse_prompt_line(line)
+            except ValueError as e:
+                logger.error("%s", e)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def run(args: argparse.Namespace, sdxl: bool, components=None) -> list[str]:
+    """Generate every image asked for; returns the written paths. `components` skips loading (tests, API use)."""
+    validate_args(args, sdxl)
+    specs = [S.parse_prompt_line(args.prompt)] if args.prompt else []
+    if args.from_file:
+        specs += S.read_prompt_file(args.from_file)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = model_dtype(args)
+    comps = (prepare_components(components, args, dtype, device) if components is not None
+             else load_components(args, sdxl, dtype, device))
+    networks, default_muls, described = load_networks(args, comps, dtype, device)
+    defaults = job_defaults(args, sdxl, default_muls)
+    if any(s.network_muls for s in specs) and len(networks) < len(described):
+        logger.warning("--am sets the multipliers of applied networks only; merged networks keep theirs")
+
+    outdir = Path(args.outdir)
+    written: list[str] = []
+    vae_batch = _vae_batch_size(args.vae_batch_size, args.batch_size)
+    autocast = dtype if device.type == "cuda" and dtype != torch.float32 else None
+
+    def produce(jobs: list[S.ImageJob]) -> None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+        results = S.generate(comps, jobs, device, args.batch_size, args.clip_skip, args.max_embeddings_multiples,
+                             vae_batch, networks=networks, network_muls=default_muls, autocast_dtype=autocast,
+                             progress=True)
+        for k, (job, image) in enumerate(results):
+            nets = network_info(described, job.network_muls or default_muls)
+            name = (f"im_{len(written) + 1:06d}.png" if args.sequential_file_name
+                    else f"im_{stamp}_{k % args.batch_size:03d}_{job.seed}.png")
+            written.append(save_png(image, outdir / name, png_metadata(job, nets)))
+            logger.info("saved %s", written[-1])
+
+    if args.interactive:
+        seeds = SeedSource(args.seed, None, args.iter_same_seed)
+        for spec in _interactive_prompts():
+            seeds.rng = random.Random(args.seed) if args.seed is not None else None
+            produce(jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds))
+        return written
+    seeds = SeedSource(args.seed, args.n_iter * len(specs) * args.images_per_prompt, args.iter_same_seed)
+    for iteration in range(args.n_iter):
+        seeds.new_iteration()
+        jobs = [job for spec in specs for job in jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds)]
+        logger.info("iteration %d/%d: %d images", iteration + 1, args.n_iter, len(jobs))
+        produce(jobs)
+    return written
+
+
+def network_info(described: list[dict[str, Any]], muls: Sequence[float]) -> list[dict[str, Any]]:
+    """The networks of one image with the multipliers it used (applied networks take `muls` in order)."""
+    out, applied = [], 0
+    for d in described:
+        if not d["merged"] and muls:
+            d = dict(d, multiplier=float(muls[min(applied, len(muls) - 1)]))
+            applied += 1
+        out.append(d)
+    return out
+
+
+def _vae_batch_size(value: float | None, batch_size: int) -> int | None:
+    if value is None:
+        return None
+    return max(1, int(batch_size * value)) if value < 1 else int(value)
+
+
+def main(argv: Sequence[str] | None = None, sdxl: bool = False) -> None:
+    """Entry point of both scripts; errors become a one-line message and exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser(sdxl).parse_args(argv)
+    try:
+        run(args, sdxl)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
