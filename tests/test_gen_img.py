@@ -1,0 +1,158 @@
+"""gen_img_diffusers.py / sdxl_gen_img.py: seeds, networks (applied, merged, per-prompt), prompt files, PNG info."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library import gen_img
+from tests.conftest import tiny_models
+
+BASE = ["--W", "64", "--H", "64", "--steps", "2", "--sampler", "euler_a", "--device", "cpu"]
+
+
+def _run(tmp_path, extra, arch="sd1", comps=None, outdir="out"):
+    sdxl = arch == "sdxl"
+    argv = ["--ckpt", str(tmp_path), "--outdir", str(tmp_path / outdir), *BASE, *extra]
+    args = gen_img.build_parser(sdxl).parse_args(argv)
+    return gen_img.run(args, sdxl, components=comps if comps is not None else tiny_models(arch))
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im, dtype=np.float32)
+
+
+def _lora_file(path, arch="sd1", seed=0):
+    """A LoRA file with non-zero up weights (a fresh LoRA is a no-op) for the tiny model of `arch`."""
+    from networks.lora import create_network
+
+    comps = tiny_models(arch)
+    net = create_network(1.0, 4, 4, comps.vae, comps.text_encoder, comps.unet)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_up" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    net.save_weights(str(path))
+    return str(path)
+
+
+def test_same_seed_same_image_metadata_and_no_overwrite(tmp_path):
+    first = _run(tmp_path, ["--prompt", "a (red:1.3) cat --n dog", "--seed", "3", "--sequential_file_name"])
+    second = _run(tmp_path, ["--prompt", "a (red:1.3) cat --n dog", "--seed", "3", "--sequential_file_name"])
+    assert [p.rsplit("/", 1)[-1] for p in first + second] == ["im_000001.png", "im_000001_1.png"]
+    assert np.array_equal(_pixels(first[0]), _pixels(second[0]))
+    other = _run(tmp_path, ["--prompt", "a (red:1.3) cat --n dog", "--seed", "4"])
+    assert np.abs(_pixels(other[0]) - _pixels(first[0])).mean() > 1
+    with Image.open(first[0]) as im:
+        text = dict(im.text)
+    assert text["prompt"] == "a (red:1.3) cat" and text["negative-prompt"] == "dog"
+    assert (text["seed"], text["steps"], text["scale"], text["sampler"]) == ("3", "2", "7.5", "euler_a")
+    assert (text["width"], text["height"]) == ("64", "64")
+    assert "Seed: 3" in text["parameters"] and "Negative prompt: dog" in text["parameters"]
+
+
+def test_seed_of_seeds_and_images_per_prompt(tmp_path):
+    paths = _run(tmp_path, ["--prompt", "a cat", "--seed", "7", "--images_per_prompt", "3", "--batch_size", "2"])
+    seeds = [Image.open(p).text["seed"] for p in paths]
+    assert len(paths) == 3 and len(set(seeds)) == 3 and "7" not in seeds
+    again = _run(tmp_path, ["--prompt", "a cat", "--seed", "7", "--images_per_prompt", "3"], outdir="again")
+    assert [Image.open(p).text["seed"] for p in again] == seeds
+    for a, b in zip(paths, again):  # batch size 2 vs 1: same images
+        assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
+
+
+def test_networks_mul_zero_applied_and_merged(tmp_path):
+    lora = _lora_file(tmp_path / "a.safetensors")
+    prompt = ["--prompt", "a cat --n dog", "--seed", "5"]
+    none = _pixels(_run(tmp_path, prompt, outdir="none")[0])
+    zero = _pixels(_run(tmp_path, prompt + ["--network_module", "networks.lora", "--network_weights", lora,
+                                            "--network_mul", "0"], outdir="zero")[0])
+    applied_path = _run(tmp_path, prompt + ["--network_module", "networks.lora", "--network_weights", lora,
+                                            "--network_mul", "0.8"], outdir="applied")[0]
+    merged = _pixels(_run(tmp_path, prompt + ["--network_module", "networks.lora", "--network_weights", lora,
+                                              "--network_mul", "0.8", "--network_merge"], outdir="merged")[0])
+    applied = _pixels(applied_path)
+    assert np.array_equal(zero, none)
+    assert np.abs(applied - none).mean() > 1  # the network does something
+    assert np.abs(applied - merged).mean() < 1.0 and np.abs(applied - merged).max() <= 8
+    nets = json.loads(Image.open(applied_path).text["networks"])
+    assert nets == [{"file": "a.safetensors", "multiplier": 0.8, "merged": False}]
+
+
+def test_two_networks_own_multipliers_and_per_prompt_am(tmp_path):
+    a, b = _lora_file(tmp_path / "a.safetensors", seed=1), _lora_file(tmp_path / "b.safetensors", seed=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two networks, per-prompt multipliers\n"
+                       "a cat --d 9 --am 1,0\n\n"
+                       "a cat --d 9 --am 0\n", encoding="utf-8")
+    both = ["--network_module", "networks.lora", "--network_weights", a, b, "--network_mul", "1", "1"]
+    per_prompt = _run(tmp_path, ["--from_file", str(prompts), *both], outdir="pp")
+    only_a = _run(tmp_path, ["--prompt", "a cat --d 9", "--network_module", "networks.lora",
+                             "--network_weights", a], outdir="a")
+    plain = _run(tmp_path, ["--prompt", "a cat --d 9"], outdir="plain")
+    both_on = _run(tmp_path, ["--prompt", "a cat --d 9", *both], outdir="both")
+    assert len(per_prompt) == 2  # the comment and the blank line are no prompts
+    assert np.abs(_pixels(per_prompt[0]) - _pixels(only_a[0])).max() <= 1
+    assert np.array_equal(_pixels(per_prompt[1]), _pixels(plain[0]))  # --am 0 repeats for the second network
+    assert np.abs(_pixels(both_on[0]) - _pixels(only_a[0])).mean() > 1
+    assert [n["multiplier"] for n in json.loads(Image.open(per_prompt[0]).text["networks"])] == [1.0, 0.0]
+
+
+def test_per_prompt_options_override(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog --w 96 --h 64 --s 3 --d 11 --l 4.5 --n cat --ss k_lms\n", encoding="utf-8")
+    (path,) = _run(tmp_path, ["--from_file", str(prompts), "--scale", "9"])
+    with Image.open(path) as im:
+        assert im.size == (96, 64)
+        t = im.text
+    assert (t["seed"], t["steps"], t["scale"], t["negative-prompt"], t["sampler"]) == ("11", "3", "4.5", "cat", "lms")
+    assert path.rsplit("/", 1)[-1].endswith("_11.png")
+
+
+def test_sdxl_size_conditioning_and_defaults(tmp_path):
+    assert gen_img.build_parser(True).parse_args(["--ckpt", "x"]).W == 1024
+    assert gen_img.build_parser(False).parse_args(["--ckpt", "x"]).H == 512
+    lora = _lora_file(tmp_path / "xl.safetensors", arch="sdxl")
+    common = ["--prompt", "a cat --n dog", "--seed", "2", "--network_weights", lora]
+    plain = _run(tmp_path, common, arch="sdxl", outdir="p")
+    cond = _run(tmp_path, common + ["--original_width", "2048", "--original_height", "512", "--crop_top", "32"],
+                arch="sdxl", outdir="c")
+    prompt_cond = _run(tmp_path, ["--prompt", "a cat --n dog --ow 2048 --oh 512 --ct 32", "--seed", "2",
+                                  "--network_weights", lora], arch="sdxl", outdir="pc")
+    with Image.open(cond[0]) as im:
+        t = im.text
+    assert (t["original-width"], t["original-height"], t["crop-top"], t["crop-left"]) == ("2048", "512", "32", "0")
+    assert np.abs(_pixels(cond[0]) - _pixels(plain[0])).mean() > 0.5
+    assert np.array_equal(_pixels(cond[0]), _pixels(prompt_cond[0]))
+
+
+def test_interactive_reads_stdin(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("a cat --d 1\n\na dog --d 2 --w 72\n"))
+    paths = _run(tmp_path, ["--interactive"])
+    assert [Image.open(p).text["prompt"] for p in paths] == ["a cat", "a dog"]
+    assert Image.open(paths[1]).size == (72, 64)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--image_path", "x.png"], "--image_path (img2img / inpainting) is not supported"),
+    (["--fp16", "--bf16"], "--fp16 and --bf16 are exclusive"),
+    (["--network_weights", "missing.safetensors"], "--network_weights missing.safetensors: no such file"),
+    (["--network_module", "networks.lora", "networks.lora", "--network_weights", "{lora}"],
+     "--network_module: give one module for all networks or one per --network_weights"),
+    (["--max_embeddings_multiples", "5"], "--max_embeddings_multiples 5: expected 1, 2 or 3"),
+    (["--xformers"], "--xformers"),
+])
+def test_errors_before_loading(tmp_path, capsys, extra, message):
+    lora = _lora_file(tmp_path / "l.safetensors") if "{lora}" in extra else ""
+    argv = ["--ckpt", str(tmp_path), "--prompt", "x", *[e.replace("{lora}", lora) for e in extra]]
+    with pytest.raises(SystemExit) as exc:
+        gen_img.main(argv)
+    assert message in str(exc.value)
+    with pytest.raises(SystemExit, match="--ckpt nowhere/at/all: no such file"):
+        gen_img.main(["--ckpt", "nowhere/at/all", "--prompt", "x"])
