@@ -114,3 +114,12 @@ def test_clean_script_keeps_entries(tmp_path: Path):
     assert _read(src)["a"]["tags"] == "1girl, rating:safe"
     with pytest.raises(SystemExit, match="missing.json: metadata file not found"):
         clean_captions_and_tags.main([str(tmp_path / "missing.json"), str(tmp_path / "o.json")])
+
+
+def test_full_path_updates_entries_keyed_by_relative_path(tmp_path: Path, monkeypatch):
+    """Metadata written by older tools keyed `train_data/a.png` (relative) is updated in place, not duplicated."""
+    _folder(tmp_path, "train_data", ["a"])
+    monkeypatch.chdir(tmp_path)
+    Path("meta.json").write_text(json.dumps({"train_data/a.png": {"caption": "old"}}), encoding="utf-8")
+    merge_dd_tags_to_metadata.main(["--full_path", "train_data", "meta.json"])
+    assert _read(tmp_path / "meta.json") == {"train_data/a.png": {"caption": "old", "tags": "1girl, a_tag, long_hair"}}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from library.dataprep.metadata import (image_key, list_images, load_metadata, merge_text_files, resolve_in_json,
+from library.dataprep.metadata import (find_key, list_images, load_metadata, merge_text_files, resolve_in_json,
                                        save_metadata)
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, field_name: str) -> dict:
     result = merge_text_files(metadata, images, extension, field_name, args.full_path)
     if args.debug:
         for image in images:
-            key = image_key(image, args.full_path)
+            key = find_key(metadata, image, args.full_path)
             logger.info("%s: %s", key, metadata.get(key, {}).get(field_name))
     if result.missing:
         logger.warning("%d images have no %s file and were left as they were, e.g. %s", len(result.missing),

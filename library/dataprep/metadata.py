@@ -60,6 +60,18 @@ def image_key(image_path: str | os.PathLike, full_path: bool) -> str:
     return os.path.abspath(path) if full_path else path.stem
 
 
+def find_key(metadata: Metadata, image_path: str | os.PathLike, full_path: bool) -> str:
+    """The key of an image in `metadata`: its canonical key, or with `--full_path` an existing entry keyed by the
+    path as given or with the extension dropped (as older tools wrote it); the canonical key if none exists."""
+    key = image_key(image_path, full_path)
+    if key in metadata or not full_path:
+        return key
+    for variant in (str(image_path), os.path.splitext(str(image_path))[0], os.path.splitext(key)[0]):
+        if variant in metadata:
+            return variant
+    return key
+
+
 def check_unique_keys(images: Iterable[Path], full_path: bool) -> None:
     """Without `--full_path` two images with the same stem (a.png, a.jpg) would share one entry: refuse that."""
     seen: dict[str, Path] = {}
@@ -134,7 +146,7 @@ def merge_text_files(metadata: Metadata, images: list[Path], extension: str, fie
         if not text_file.is_file():
             result.missing.append(image)
             continue
-        key = image_key(image, full_path)
+        key = find_key(metadata, image, full_path)
         if key not in metadata:
             metadata[key] = {}
             result.added += 1
