@@ -1,0 +1,101 @@
+"""Reading training images: the supported formats, EXIF orientation, transparency and 16-bit images.
+
+Every image is returned as an RGB `uint8` numpy array (H, W, 3), upright as the EXIF orientation says.
+Transparent images (RGBA, LA, palette with transparency) are composited onto white, 16-bit and float images
+are scaled to 8 bits (not clipped). Any unreadable or corrupt file raises `ImageError` naming the file.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_BACKGROUND = (255, 255, 255)
+
+# Large training images are expected; the guide only warns about ~3000x3000 and above.
+Image.MAX_IMAGE_PIXELS = 20000 * 20000
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read; the message names the file."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for the supported extensions (.png .jpg .jpeg .webp .bmp), any letter case."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """The supported image files directly inside `folder`, sorted by name (hidden files skipped)."""
+    folder = Path(folder)
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: alpha composited on white, high bit depths rescaled."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F" and arr.max(initial=0) <= 1.0:
+            peak = 1.0
+        gray = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([gray] * 3, axis=-1), "RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+        return ImageOps.exif_transpose(img)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image file not found") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... on bad files
+        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
+                         f"replace or remove the file (supported: {' '.join(IMAGE_EXTENSIONS)})") from None
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Load `path` as an upright RGB uint8 array (H, W, 3)."""
+    with _open(path) as img:
+        return np.asarray(_to_rgb(img)).copy()
+
+
+def load_image_with_alpha(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Load `path` as RGB plus its alpha channel as float32 in [0, 1] (None when the image has no alpha)."""
+    with _open(path) as img:
+        alpha = None
+        if img.mode in ("RGBA", "LA", "PA") or img.mode == "P" and "transparency" in img.info:
+            alpha = np.asarray(img.convert("RGBA"))[..., 3].astype(np.float32) / 255.0
+        return np.asarray(_to_rgb(img)).copy(), alpha
+
+
+def _check_one(path: str) -> tuple[int, int]:
+    with _open(path) as img:
+        return img.size
+
+
+def read_image_sizes(paths: Iterable[str], workers: int = 4, progress: bool = True) -> list[tuple[int, int]]:
+    """Decode every image once (catching corrupt files before training starts); return upright (w, h) sizes.
+
+    Decoding runs on a small thread pool (PIL releases the GIL while decoding).
+    """
+    from tqdm import tqdm
+
+    paths = list(paths)
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
+        it = pool.map(_check_one, paths)
+        return list(tqdm(it, total=len(paths), desc="checking images", disable=not progress or len(paths) < 50))

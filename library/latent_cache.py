@@ -1,0 +1,201 @@
+"""Latent caching: encode each training image with the VAE once, in memory or as `.npz` beside the image.
+
+Disk format (`<image name>.npz`, written atomically, so an interrupted run leaves only complete files):
+`latents` (4, h/8, w/8) float32 as sampled from the VAE (not multiplied by the scaling factor),
+`latents_flipped` (with flip_aug), `alpha_mask` (with alpha_mask), `bucket_reso` (w, h), `resized_size`
+(w, h), `crop_top_left` (top, left), `original_size_hw`, `vae_fingerprint`, plus the original's keys
+`original_size` (w, h) and `crop_ltrb` so its scripts can read the file. A file is reused only when the
+bucket, resize, crop, VAE and (when needed) flip/alpha entries all match what this run would compute; any
+other file is recomputed and replaced. Caching a run resumes where an interrupted one stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from library.buckets import Crop, crop_offsets
+from library.dataset_config import check_cacheable
+from library.file_io import atomic_path
+
+if TYPE_CHECKING:
+    from library.datasets import DatasetGroup, ImageInfo
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def npz_path(image_path: str) -> str:
+    """The cache file of an image: same folder and name, `.npz` extension."""
+    return os.path.splitext(image_path)[0] + ".npz"
+
+
+def vae_fingerprint(vae: Any) -> str:
+    """A short id of the VAE's weights (the first and last encoder layers), stable across fp32/fp16."""
+    h = hashlib.sha256()
+    params = list(vae.encoder.parameters())
+    for t in (params[0], params[-1], *(list(getattr(vae, "quant_conv", torch.nn.Identity()).parameters())[:1])):
+        h.update(t.detach().to("cpu", torch.float16).numpy().tobytes())
+    h.update(str(getattr(vae.config, "latent_channels", 4)).encode())
+    return h.hexdigest()[:16]
+
+
+def expected_crop(info: "ImageInfo") -> Crop:
+    """The deterministic (center) crop of a cached image."""
+    w, h = info.size
+    return Crop((h, w), crop_offsets(info.resized_size, info.bucket_reso), info.resized_size)
+
+
+def _original_crop_ltrb(reso: tuple[int, int], size: tuple[int, int]) -> list[int]:
+    """The crop box as the original scripts record it (for their readers)."""
+    bucket_ar, image_ar = reso[0] / reso[1], size[0] / size[1]
+    if bucket_ar > image_ar:
+        rw, rh = reso[1] * image_ar, reso[1]
+    else:
+        rw, rh = reso[0], reso[0] / image_ar
+    left, top = (reso[0] - rw) // 2, (reso[1] - rh) // 2
+    return [int(left), int(top), int(left + rw), int(top + rh)]
+
+
+def cache_is_valid(path: str, info: "ImageInfo", fingerprint: str) -> bool:
+    """True when `path` holds this image's latents for its current bucket, crop, flip/alpha needs and VAE."""
+    if not os.path.isfile(path):
+        return False
+    crop = expected_crop(info)
+    w, h = info.bucket_reso
+    try:
+        with np.load(path) as npz:
+            keys = set(npz.files)
+            needed = {"latents", "bucket_reso", "resized_size", "crop_top_left", "vae_fingerprint"}
+            if info.subset.flip_aug:
+                needed.add("latents_flipped")
+            if info.subset.alpha_mask:
+                needed.add("alpha_mask")
+            if not needed <= keys:
+                return False
+            return (tuple(npz["bucket_reso"].tolist()) == (w, h)
+                    and tuple(npz["resized_size"].tolist()) == tuple(crop.resized_size)
+                    and tuple(npz["crop_top_left"].tolist()) == tuple(crop.crop_top_left)
+                    and str(npz["vae_fingerprint"]) == fingerprint
+                    and npz["latents"].shape[-2:] == (h // 8, w // 8))
+    except (OSError, ValueError, EOFError):  # unreadable / truncated file: recompute
+        return False
+
+
+def save_latents_npz(path: str, info: "ImageInfo", latents: torch.Tensor, latents_flipped: torch.Tensor | None,
+                     alpha: np.ndarray | None, fingerprint: str) -> None:
+    """Write one image's cache file atomically."""
+    crop = expected_crop(info)
+    arrays = {
+        "latents": latents.float().cpu().numpy(),
+        "bucket_reso": np.array(info.bucket_reso),
+        "resized_size": np.array(crop.resized_size),
+        "crop_top_left": np.array(crop.crop_top_left),
+        "original_size_hw": np.array(crop.original_size_hw),
+        "original_size": np.array(info.size),
+        "crop_ltrb": np.array(_original_crop_ltrb(info.bucket_reso, info.size)),
+        "vae_fingerprint": np.array(fingerprint),
+        "format_version": np.array(FORMAT_VERSION),
+    }
+    if latents_flipped is not None:
+        arrays["latents_flipped"] = latents_flipped.float().cpu().numpy()
+    if alpha is not None:
+        arrays["alpha_mask"] = alpha.astype(np.float32)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def load_cached_latents(info: "ImageInfo", flip: bool) -> tuple[torch.Tensor, Crop, torch.Tensor | None]:
+    """The cached latents of `info` (flipped variant when `flip`), its crop and alpha mask (flipped too)."""
+    crop = expected_crop(info)
+    if info.latents is not None:
+        lat = info.latents_flipped if flip else info.latents
+        alpha = info.alpha_mask
+    else:
+        with np.load(info.npz_path) as npz:
+            lat = torch.from_numpy(npz["latents_flipped" if flip else "latents"])
+            alpha = torch.from_numpy(npz["alpha_mask"]) if "alpha_mask" in npz.files else None
+    if alpha is not None and flip:
+        alpha = alpha.flip(-1)
+    return lat, crop, alpha
+
+
+@torch.no_grad()
+def encode_images(vae: Any, images: list[np.ndarray], generator: torch.Generator | None = None) -> torch.Tensor:
+    """VAE latents (B, 4, h, w) float32 on the CPU of uint8 (H, W, 3) images of one size (not scaled)."""
+    from library.datasets import to_tensor
+
+    param = next(vae.parameters())
+    x = torch.stack([to_tensor(np.ascontiguousarray(im)) for im in images]).to(param.device, param.dtype)
+    latents = vae.encode(x).latent_dist.sample(generator=generator).float().cpu()
+    if not torch.isfinite(latents).all():
+        raise FloatingPointError("the VAE produced NaN/inf latents (an fp16 SDXL VAE does this: use "
+                                 "--no_half_vae or a fixed fp16 VAE)")
+    return latents
+
+
+def cache_group_latents(group: "DatasetGroup", vae: Any, vae_batch_size: int = 1, to_disk: bool = False,
+                        device: str | torch.device | None = None, progress: bool = True, seed: int | None = None) -> None:
+    """Cache the latents of every image of `group` (valid disk caches are reused), batched by bucket."""
+    from tqdm import tqdm
+
+    from library.datasets import load_training_image
+
+    for ds in group.datasets:
+        for sub in ds.config.subsets:
+            check_cacheable(sub, "latent caching")
+    if device is not None:
+        vae.to(device)
+    fingerprint = vae_fingerprint(vae)
+    todo: list = []
+    reused = 0
+    seen: set[int] = set()
+    for ds in group.datasets:
+        for info in ds.images:
+            if id(info) in seen:
+                continue
+            seen.add(id(info))
+            if to_disk:
+                path = npz_path(info.path)
+                if cache_is_valid(path, info, fingerprint):
+                    info.npz_path, info.latents = path, None
+                    reused += 1
+                    continue
+            elif info.latents is not None:
+                continue
+            todo.append((ds, info))
+    if reused:
+        logger.info("reusing %d cached latent files", reused)
+    todo.sort(key=lambda t: (t[1].bucket_reso, t[1].path))
+    batches = []
+    for item in todo:
+        if batches and batches[-1][-1][1].bucket_reso == item[1].bucket_reso and len(batches[-1]) < vae_batch_size:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    param = next(vae.parameters())
+    generator = torch.Generator(device=param.device).manual_seed(group.seed if seed is None else seed)
+    for batch in tqdm(batches, desc="caching latents", disable=not progress or not batches):
+        loaded = [load_training_image(info, ds.config.enable_bucket, None, random_crop=False) for ds, info in batch]
+        names = ", ".join(os.path.basename(info.path) for _, info in batch)
+        try:
+            latents = encode_images(vae, [ld.image for ld in loaded], generator)
+            need_flip = any(info.subset.flip_aug for _, info in batch)
+            flipped = encode_images(vae, [ld.image[:, ::-1] for ld in loaded], generator) if need_flip else None
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{names}: {e}") from None
+        for k, ((_, info), ld) in enumerate(zip(batch, loaded)):
+            lat_f = flipped[k] if flipped is not None and info.subset.flip_aug else None
+            if to_disk:
+                path = npz_path(info.path)
+                save_latents_npz(path, info, latents[k], lat_f, ld.alpha, fingerprint)
+                info.npz_path, info.latents = path, None
+            else:
+                info.latents, info.latents_flipped = latents[k].clone(), None if lat_f is None else lat_f.clone()
+                info.alpha_mask = None if ld.alpha is None else torch.from_numpy(ld.alpha)
