@@ -191,17 +191,16 @@ def load_components(args: argparse.Namespace, sdxl: bool, dtype: torch.dtype, de
 
     comps = load_models(args.ckpt, v2=getattr(args, "v2", False), sdxl=sdxl,
                         v_parameterization=getattr(args, "v_parameterization", False), vae=args.vae,
-                        tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=dtype)
+                        tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=dtype, device=device)
     return prepare_components(comps, args, dtype, device)
 
 
 def prepare_components(comps, args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
     """Move models to device/dtype, eval mode, attention implementation."""
     vae_fp32 = args.no_half_vae or (comps.is_sdxl and dtype == torch.float16)  # SDXL's VAE overflows in fp16
-    comps.vae.to(device, torch.float32 if vae_fp32 else dtype).eval()
-    comps.unet.to(device, dtype).eval()
-    for te in comps.text_encoders:
-        te.to(device, dtype).eval()
+    _place(comps.vae, device, torch.float32 if vae_fp32 else dtype)
+    for model in (comps.unet, *comps.text_encoders):
+        _place(model, device, dtype)
     if args.xformers or args.diffusers_xformers:
         comps.unet.enable_xformers_memory_efficient_attention()
         comps.vae.enable_xformers_memory_efficient_attention()
@@ -213,6 +212,13 @@ def prepare_components(comps, args: argparse.Namespace, dtype: torch.dtype, devi
         comps.unet.to(memory_format=torch.channels_last)
         comps.vae.to(memory_format=torch.channels_last)
     return comps
+
+
+def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    p = next(model.parameters())
+    if p.device != device or p.dtype != dtype:  # diffusers warns on every .to(dtype=...), even a no-op one
+        model.to(device, dtype)
+    model.eval()
 
 
 def load_networks(args: argparse.Namespace, comps, dtype: torch.dtype, device: torch.device

@@ -12,8 +12,23 @@ import torch
 
 def encode_prompts(components, prompts: Sequence[str], device: torch.device, clip_skip: int | None = None,
                    max_embeddings_multiples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden states (B, n*77, C), pooled (B, C2) for SDXL else None) for `prompts`."""
-    return _plain_encode(components, prompts, device, clip_skip)
+    """(hidden states (B, 2+75n or 77, C), pooled (B, C2) for SDXL else None) for `prompts`.
+
+    n = `max_embeddings_multiples` chunks of 75 tokens (1..3); longer prompts are cut. SDXL ignores clip_skip.
+    """
+    try:
+        from library import text_encoding
+    except ImportError:
+        return _plain_encode(components, prompts, device, clip_skip)
+    max_len = 75 * max_embeddings_multiples
+    pairs = [text_encoding.tokenize_weighted(tok, list(prompts), max_len) for tok in components.tokenizers]
+    ids = [p[0] for p in pairs]
+    weights = [p[1] for p in pairs]
+    if all(bool((w == 1.0).all()) for w in weights):
+        weights = None  # plain prompts: skip the re-weighting (and its mean restoration)
+    hidden, pooled = text_encoding.encode_tokens(components.text_encoders, ids, clip_skip, components.is_sdxl,
+                                                 weights, tokenizers=components.tokenizers)
+    return hidden.to(device), (pooled.to(device) if pooled is not None else None)
 
 
 def _plain_encode(components, prompts, device, clip_skip):
