@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from library.file_io import CheckpointError, atomic_path
+from library.file_io import CheckpointError
 from library.tensor_stream import TensorFile
 
 logger = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ class Factorization:
     singular_values: torch.Tensor  # the kept ones
     total_fro: float  # Frobenius norm of the delta that was factorised
     retained_fro: float  # Frobenius norm of the kept part
+    residual_fro: float  # Frobenius norm of delta - up @ down
     solver: str
 
     @property
@@ -198,10 +199,8 @@ class Factorization:
 
     @property
     def relative_error(self) -> float:
-        """||delta - up @ down||_F / ||delta||_F, exact (from the norms, the kept part being a projection)."""
-        if self.total_fro == 0:
-            return 0.0
-        return math.sqrt(max(self.total_fro ** 2 - self.retained_fro ** 2, 0.0)) / self.total_fro
+        """||delta - up @ down||_F / ||delta||_F."""
+        return 0.0 if self.total_fro == 0 else self.residual_fro / self.total_fro
 
 
 def svd_of_factors(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]):
@@ -218,12 +217,14 @@ def svd_of_factors(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]):
     return qu @ u, s, vh @ qd.T
 
 
-def truncated_svd(mat: torch.Tensor, rank: int, solver: str = "auto", oversample: int = 8, niter: int = 4):
-    """Top-`rank` singular triplets (U, S, Vh) of a 2-D matrix and the solver used.
+def truncated_svd(mat: torch.Tensor, rank: int, solver: str = "auto", oversample: int = 8, niter: int = 2):
+    """Top singular triplets (U, S, Vh) of a 2-D matrix, the solver used and the residual norm past `rank`.
 
-    `solver`: `exact` (torch.linalg.svd), `randomized` (torch.svd_lowrank with `rank + oversample` columns and
-    `niter` power iterations: exact for matrices of rank <= rank + oversample, near-optimal otherwise) or
-    `auto` (randomized only where the matrix is much larger than the requested rank).
+    `solver`: `exact` (torch.linalg.svd; returns all singular values), `randomized` (torch.svd_lowrank with
+    `rank + oversample` columns and `niter` power iterations: exact for matrices of rank <= rank + oversample,
+    near-optimal otherwise; returns `rank + oversample` values) or `auto` (randomized only where the matrix is
+    much larger than the requested rank). The residual `||mat - U_k S_k Vh_k||` (k = rank) is exact: from the
+    discarded singular values, or computed explicitly for the randomized solver.
     """
     if solver not in ("auto", "exact", "randomized"):
         raise ValueError(f"unknown SVD solver {solver!r}; expected auto, exact or randomized")
@@ -231,9 +232,11 @@ def truncated_svd(mat: torch.Tensor, rank: int, solver: str = "auto", oversample
     q = min(rank + oversample, small)
     if solver == "exact" or (solver == "auto" and small <= 4 * q):
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank], "exact"
+        return u, s, vh, "exact", float(torch.linalg.vector_norm(s[rank:]))
     u, s, v = torch.svd_lowrank(mat, q=q, niter=niter)
-    return u[:, :rank], s[:rank], v[:, :rank].T, "randomized"
+    k = min(rank, s.shape[0])
+    residual = float(torch.linalg.vector_norm(mat - (u[:, :k] * s[:k]) @ v[:, :k].T))
+    return u, s, v.T, "randomized", residual
 
 
 def factorize(weight_shape: Sequence[int], rank: int, *, delta: torch.Tensor | None = None,
@@ -249,16 +252,21 @@ def factorize(weight_shape: Sequence[int], rank: int, *, delta: torch.Tensor | N
     out_dim = weight_shape[0]
     in_flat = math.prod(weight_shape[1:])
     max_rank = min(rank, out_dim, in_flat)
+    residual = None
     if ups is not None and sum(u.shape[1] for u in ups) < min(out_dim, in_flat):
         u, s, vh = svd_of_factors(ups, downs)
         total, solver_used = float(torch.linalg.vector_norm(s)), "exact-factored"
     else:
         if delta is None:
             delta = sum(delta_weight(u, d) for u, d in zip(ups, downs))
-        mat = delta.reshape(out_dim, in_flat)
+        mat = delta.reshape(out_dim, in_flat).float()
         total = float(torch.linalg.vector_norm(mat))
-        u, s, vh, solver_used = truncated_svd(mat, max_rank, solver)
+        u, s, vh, solver_used, residual = truncated_svd(mat, max_rank, solver)
     new_rank = max(1, min(select_rank(s, max_rank, dynamic_method, dynamic_param), s.shape[0]))
+    if residual is None or new_rank != min(max_rank, s.shape[0]):
+        residual = float(torch.linalg.vector_norm(s[new_rank:]))
+        if solver_used == "randomized":  # the values past q are unknown: add what the projection missed
+            residual = math.sqrt(residual ** 2 + max(total ** 2 - float((s ** 2).sum()), 0.0))
     u, s, vh = u[:, :new_rank], s[:new_rank], vh[:new_rank]
     up = (u * s.unsqueeze(0)).contiguous()
     down = vh.contiguous()
@@ -266,7 +274,7 @@ def factorize(weight_shape: Sequence[int], rank: int, *, delta: torch.Tensor | N
         up = up.reshape(out_dim, new_rank, 1, 1)
         down = down.reshape(new_rank, *weight_shape[1:])
     retained = float(torch.linalg.vector_norm(s))
-    return Factorization(up, down, s, total, min(retained, total), solver_used)
+    return Factorization(up, down, s, total, min(retained, total), residual, solver_used)
 
 
 def select_rank(s: torch.Tensor, max_rank: int, method: str | None = None, param: float | None = None) -> int:
@@ -330,27 +338,21 @@ def resolve_device(name: str | None) -> torch.device:
 # ----------------------------------------------------------------------------------------------- families
 def lora_family(lora: LoRAFile) -> str | None:
     """`sdxl`, `sd2`, `sd1`, or None when it cannot tell (e.g. a UNet-only SD1/SD2 LoRA without metadata)."""
-    names = list(lora.modules)
-    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names) or any(
-            n.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks", "lora_unet_label_emb"))
-            for n in names):
-        return "sdxl"
+    from networks.lora_names import guess_file_family
+
     md = lora.metadata
     base = (md.get("ss_base_model_version") or md.get("modelspec.architecture") or "").lower()
-    if "sdxl" in base or "xl" in base.split("_"):
+    guess = guess_file_family(lora.modules)
+    if guess == "SDXL" or base.startswith(("sdxl", "stable-diffusion-xl")):
         return "sdxl"
-    te = [lora.modules[n] for n in names if n.startswith("lora_te_")]
-    if te:
-        width = te[0].down_shape[1] if te[0].name.endswith(("q_proj", "k_proj", "v_proj", "fc1")) else None
-        if width in (768, 1024):
-            return "sd1" if width == 768 else "sd2"
-    if md.get("ss_v2") in ("True", "true"):
-        return "sd2"
-    if md.get("ss_v2") in ("False", "false"):
+    te = [info for name, info in lora.modules.items() if name.startswith("lora_te_") and name.endswith("q_proj")]
+    if te and te[0].down_shape[1] in (768, 1024):  # the real CLIP ViT-L / OpenCLIP ViT-H widths
+        return "sd1" if te[0].down_shape[1] == 768 else "sd2"
+    if md.get("ss_v2") in ("True", "False"):
+        return "sd2" if md["ss_v2"] == "True" else "sd1"
+    if base.startswith(("sd_v1", "stable-diffusion-v1")):
         return "sd1"
-    if base.startswith("sd_v1"):
-        return "sd1"
-    if base.startswith("sd_v2"):
+    if base.startswith(("sd_v2", "stable-diffusion-v2")):
         return "sd2"
     return None
 
@@ -409,35 +411,3 @@ def source_record(lora: LoRAFile, ratio: float) -> dict[str, object]:
         if key in lora.metadata:
             rec[key] = lora.metadata[key]
     return rec
-
-
-def addnet_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
-    """`sshs_model_hash` / `sshs_legacy_hash` as kohya writes them (sha256 of the file bytes, computed on the
-    file written with only the `ss_` metadata), which A1111's additional-networks extension shows."""
-    import hashlib
-    import io
-
-    from safetensors.torch import save
-
-    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    blob = save({k: v.contiguous() for k, v in tensors.items()}, ss_only)
-    n = int.from_bytes(blob[:8], "little")
-    model_hash = hashlib.sha256(io.BytesIO(blob[8 + n:]).read()).hexdigest()
-    legacy = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
-    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy}
-
-
-def save_lora(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str],
-              dtype: torch.dtype | None) -> None:
-    """Write a LoRA state dict atomically in `dtype` (alphas stay float32 scalars), with hashes in the metadata."""
-    out = {k: (v.to(dtype) if dtype is not None and not k.endswith(ALPHA) and v.is_floating_point() else v)
-           .detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = dict(metadata)
-    with atomic_path(path) as tmp:
-        if Path(path).suffix.lower() == ".safetensors":
-            from safetensors.torch import save_file
-
-            meta.update(addnet_hashes(out, meta))
-            save_file(out, tmp, metadata={str(k): str(v) for k, v in meta.items()})
-        else:
-            torch.save(out, tmp)

@@ -22,7 +22,7 @@ import torch
 
 from library.file_io import precision_dtype
 from networks.lora_cli import add_precision_arguments, check_inputs, check_output, run_main, save_dtype
-from networks.lora_math import save_lora
+from networks.lora import save_lora_file
 from networks.lora_merge_ops import check_ratios, merge_loras
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> None:
     if args.sd_model is not None:
         if args.concat or args.shuffle:
             raise ValueError("--concat / --shuffle apply when merging LoRAs into one LoRA; omit --sd_model or these flags")
-        from networks.checkpoint_merge import merge_into_checkpoint
+        from networks.lora_checkpoint_ops import merge_into_checkpoint
 
         family = "sdxl" if sdxl else ("sd2" if args.v2 else "sd1")
         merge_into_checkpoint(args.sd_model, args.save_to, args.models, ratios, family=family,
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> None:
         metadata = {k: v for k, v in metadata.items()
                     if k in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_v2", "ss_base_model_version")}
     logger.info("saving merged LoRA to %s", args.save_to)
-    save_lora(tensors, args.save_to, metadata, out_dtype)
+    save_lora_file(tensors, args.save_to, out_dtype, metadata)
 
 
 def main(argv: Sequence[str] | None = None, sdxl: bool = False) -> None:

@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as `python networks/resize_lora.py`
 
 from library.file_io import precision_dtype
 from networks.lora_cli import PRECISION_CHOICES, check_inputs, check_output, run_main
-from networks.lora_math import DYNAMIC_METHODS, resolve_device, save_lora, validate_dynamic
+from networks.lora import save_lora_file
+from networks.lora_math import DYNAMIC_METHODS, resolve_device, validate_dynamic
 from networks.lora_merge_ops import resize_lora, summarize
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{r.name}: rank {r.old_rank} -> {r.new_rank}, retained Frobenius norm {r.fro_retained:.2%}")
     logger.info("resize: %s", summarize(reports))
     logger.info("saving resized LoRA to %s", args.save_to)
-    save_lora(tensors, args.save_to, metadata, precision_dtype(args.save_precision or "float"))
+    save_lora_file(tensors, args.save_to, precision_dtype(args.save_precision or "float"), metadata)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
