@@ -341,10 +341,22 @@ def make_job(spec: PromptSpec, defaults: JobDefaults, seed: int | None = None) -
 
 def encode_prompts(components, prompts: Sequence[str], device: torch.device, clip_skip: int | None = None,
                    max_embeddings_multiples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden states (B, n*77, C), pooled output (B, C2) for SDXL else None) of weighted prompts."""
-    from library import prompt_encoding
+    """(hidden states (B, 2+75n or 77, C), pooled (B, C2) for SDXL else None) of A1111-weighted prompts.
 
-    return prompt_encoding.encode_prompts(components, list(prompts), device, clip_skip, max_embeddings_multiples)
+    n = `max_embeddings_multiples` chunks of 75 tokens (1..3); longer prompts are cut. Tokenizing and encoding
+    are library.text_encoding's, shared with training. SDXL ignores clip_skip.
+    """
+    from library import text_encoding
+
+    pairs = [text_encoding.tokenize_weighted(tok, list(prompts), 75 * max_embeddings_multiples)
+             for tok in components.tokenizers]
+    ids = [p[0] for p in pairs]
+    weights = [p[1] for p in pairs]
+    if all(bool((w == 1.0).all()) for w in weights):
+        weights = None  # plain prompts: skip the re-weighting (and its mean restoration)
+    hidden, pooled = text_encoding.encode_tokens(components.text_encoders, ids, clip_skip, components.is_sdxl,
+                                                 weights, tokenizers=components.tokenizers)
+    return hidden.to(device), (pooled.to(device) if pooled is not None else None)
 
 
 def _step_kwargs(scheduler, generators) -> dict[str, Any]:

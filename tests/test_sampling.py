@@ -185,3 +185,20 @@ def test_sample_images_names_files_and_leaves_rng_untouched(tmp_path):
     assert re.fullmatch(r"e000003_00_\d{14}_42\.png", again[0].split("/")[-1])
     with Image.open(again[0]) as im:
         assert np.array_equal(np.asarray(im), first)
+
+
+def test_weighted_and_long_prompts_reach_the_encoder():
+    comps = tiny_models("sd1")
+    dev = torch.device("cpu")
+    plain, _ = S.encode_prompts(comps, ["a red cat"], dev)
+    weighted, _ = S.encode_prompts(comps, ["a (red:1.5) cat"], dev)
+    assert plain.shape == weighted.shape == (1, 77, 32)
+    assert not torch.allclose(plain, weighted)
+    long_a = "a cat, " * 15 + "red"  # 108 characters: one token each with the tiny tokenizer
+    long_b = "a cat, " * 15 + "blue"
+    one_a, _ = S.encode_prompts(comps, [long_a], dev, max_embeddings_multiples=1)
+    one_b, _ = S.encode_prompts(comps, [long_b], dev, max_embeddings_multiples=1)
+    three_a, _ = S.encode_prompts(comps, [long_a], dev, max_embeddings_multiples=3)
+    three_b, _ = S.encode_prompts(comps, [long_b], dev, max_embeddings_multiples=3)
+    assert torch.equal(one_a, one_b)  # cut at 75 tokens: the differing end is lost
+    assert three_a.shape[1] == 2 + 3 * 75 and not torch.allclose(three_a, three_b)
