@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from library.buckets import BucketManager, Crop, Reso, flipped_crop_top_left, resize_and_crop
+from library.buckets import BucketManager, Crop, Reso, cover_size, flipped_crop_top_left, resize_and_crop
 from library.captions import process_caption
 from library.dataset_config import DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, read_metadata_file
 from library.images import IMAGE_EXTENSIONS, list_images, load_image, load_image_with_alpha, read_image_sizes
@@ -208,7 +208,15 @@ class ImageDataset:
                 raise ValueError(f"{cfg.where}: bucket_no_upscale cannot be used: the metadata file already "
                                  "holds the buckets (train_resolution)")
             self.manager = BucketManager(preset[0], predefined=preset)
+            if not cfg.enable_bucket:
+                logger.info("%s: the metadata holds the buckets (train_resolution): bucketing enabled", cfg.where)
+                cfg.enable_bucket = True
         else:
+            if any(r is not None for r in preset):
+                logger.warning("%s: only some metadata entries have train_resolution; bucketing all images anew",
+                               cfg.where)
+                for info in self.images:
+                    info.bucket_reso = None
             if cfg.resolution is None:
                 raise ValueError(f"{cfg.where}: no resolution and the metadata has no train_resolution for every "
                                  "image; set resolution or --resolution")
@@ -221,11 +229,13 @@ class ImageDataset:
         self.buckets: dict[Reso, list[int]] = {}
         self.ar_errors = []
         for idx, info in enumerate(self.images):
-            choice = self.manager.select(*info.size)
-            if info.bucket_reso is not None and info.bucket_reso != choice.bucket_reso:
-                raise AssertionError("internal: metadata bucket not chosen")  # pragma: no cover
-            info.bucket_reso, info.resized_size = choice.bucket_reso, choice.resized_size
-            self.ar_errors.append(choice.ar_error)
+            if info.bucket_reso is not None:  # the metadata's bucket for this image
+                info.resized_size = cover_size(info.size, info.bucket_reso)
+                self.ar_errors.append(info.bucket_reso[0] / info.bucket_reso[1] - info.size[0] / info.size[1])
+            else:
+                choice = self.manager.select(*info.size)
+                info.bucket_reso, info.resized_size = choice.bucket_reso, choice.resized_size
+                self.ar_errors.append(choice.ar_error)
             self.buckets.setdefault(choice.bucket_reso, []).extend([idx] * info.num_repeats)
 
     def batches(self, rng: np.random.Generator) -> list[list[int]]:

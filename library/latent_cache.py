@@ -7,6 +7,7 @@ Disk format (`<image name>.npz`, written atomically, so an interrupted run leave
 `original_size` (w, h) and `crop_ltrb` so its scripts can read the file. A file is reused only when the
 bucket, resize, crop, VAE and (when needed) flip/alpha entries all match what this run would compute; any
 other file is recomputed and replaced. Caching a run resumes where an interrupted one stopped.
+`save` / `is_valid` are the primitives (also used by finetune/prepare_buckets_latents.py).
 """
 from __future__ import annotations
 
@@ -62,46 +63,56 @@ def _original_crop_ltrb(reso: tuple[int, int], size: tuple[int, int]) -> list[in
     return [int(left), int(top), int(left + rw), int(top + rh)]
 
 
-def cache_is_valid(path: str, info: "ImageInfo", fingerprint: str) -> bool:
-    """True when `path` holds this image's latents for its current bucket, crop, flip/alpha needs and VAE."""
+def is_valid(path: str | os.PathLike, bucket_reso: tuple[int, int], flip_aug: bool, crop: Crop | None = None,
+             alpha_mask: bool = False, fingerprint: str | None = None) -> bool:
+    """True when `path` holds latents for this bucket (w, h), with the flipped variant / alpha mask when
+    needed, and, when given, the same resize + crop and VAE (a file without a VAE id passes that check)."""
     if not os.path.isfile(path):
         return False
-    crop = expected_crop(info)
-    w, h = info.bucket_reso
+    w, h = bucket_reso
     try:
         with np.load(path) as npz:
             keys = set(npz.files)
-            needed = {"latents", "bucket_reso", "resized_size", "crop_top_left", "vae_fingerprint"}
-            if info.subset.flip_aug:
-                needed.add("latents_flipped")
-            if info.subset.alpha_mask:
-                needed.add("alpha_mask")
-            if not needed <= keys:
+            needed = {"latents", "bucket_reso"} | ({"latents_flipped"} if flip_aug else set())
+            needed |= {"alpha_mask"} if alpha_mask else set()
+            if not needed <= keys or tuple(npz["bucket_reso"].tolist()) != (w, h):
                 return False
-            return (tuple(npz["bucket_reso"].tolist()) == (w, h)
-                    and tuple(npz["resized_size"].tolist()) == tuple(crop.resized_size)
-                    and tuple(npz["crop_top_left"].tolist()) == tuple(crop.crop_top_left)
-                    and str(npz["vae_fingerprint"]) == fingerprint
-                    and npz["latents"].shape[-2:] == (h // 8, w // 8))
-    except (OSError, ValueError, EOFError):  # unreadable / truncated file: recompute
+            if npz["latents"].shape[-2:] != (h // 8, w // 8):
+                return False
+            if crop is not None and not ({"resized_size", "crop_top_left"} <= keys
+                                         and tuple(npz["resized_size"].tolist()) == tuple(crop.resized_size)
+                                         and tuple(npz["crop_top_left"].tolist()) == tuple(crop.crop_top_left)):
+                return False
+            if fingerprint is not None and "vae_fingerprint" in keys and str(npz["vae_fingerprint"]) != fingerprint:
+                return False
+            return True
+    except (OSError, ValueError, EOFError, KeyError):  # unreadable / truncated file: recompute
         return False
 
 
-def save_latents_npz(path: str, info: "ImageInfo", latents: torch.Tensor, latents_flipped: torch.Tensor | None,
-                     alpha: np.ndarray | None, fingerprint: str) -> None:
-    """Write one image's cache file atomically."""
-    crop = expected_crop(info)
+def cache_is_valid(path: str, info: "ImageInfo", fingerprint: str | None = None) -> bool:
+    """`is_valid` for a dataset image with its current bucket, crop and subset settings."""
+    return is_valid(path, info.bucket_reso, info.subset.flip_aug, expected_crop(info), info.subset.alpha_mask,
+                    fingerprint)
+
+
+def save(path: str | os.PathLike, latents: torch.Tensor, crop: Crop, bucket_reso: tuple[int, int],
+         latents_flipped: torch.Tensor | None = None, alpha: np.ndarray | None = None,
+         fingerprint: str | None = None) -> None:
+    """Write one image's cache file atomically (`crop` as returned by buckets.resize_and_crop)."""
+    h, w = crop.original_size_hw
     arrays = {
         "latents": latents.float().cpu().numpy(),
-        "bucket_reso": np.array(info.bucket_reso),
+        "bucket_reso": np.array(bucket_reso),
         "resized_size": np.array(crop.resized_size),
         "crop_top_left": np.array(crop.crop_top_left),
         "original_size_hw": np.array(crop.original_size_hw),
-        "original_size": np.array(info.size),
-        "crop_ltrb": np.array(_original_crop_ltrb(info.bucket_reso, info.size)),
-        "vae_fingerprint": np.array(fingerprint),
+        "original_size": np.array((w, h)),
+        "crop_ltrb": np.array(_original_crop_ltrb(bucket_reso, (w, h))),
         "format_version": np.array(FORMAT_VERSION),
     }
+    if fingerprint is not None:
+        arrays["vae_fingerprint"] = np.array(fingerprint)
     if latents_flipped is not None:
         arrays["latents_flipped"] = latents_flipped.float().cpu().numpy()
     if alpha is not None:
@@ -194,7 +205,7 @@ def cache_group_latents(group: "DatasetGroup", vae: Any, vae_batch_size: int = 1
             lat_f = flipped[k] if flipped is not None and info.subset.flip_aug else None
             if to_disk:
                 path = npz_path(info.path)
-                save_latents_npz(path, info, latents[k], lat_f, ld.alpha, fingerprint)
+                save(path, latents[k], expected_crop(info), info.bucket_reso, lat_f, ld.alpha, fingerprint)
                 info.npz_path, info.latents = path, None
             else:
                 info.latents, info.latents_flipped = latents[k].clone(), None if lat_f is None else lat_f.clone()
