@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ SAMPLER_NAMES = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dp
 SAVE_MODEL_AS = ("ckpt", "pt", "safetensors")
 _NOT_SERIALIZED = {"config_file", "output_config"}
 _CAPTION_CHANGING = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                     "caption_tag_dropout_rate", "token_warmup_step")
+                     "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
 
 
 def _add(group: argparse._ActionsContainer, *flags: str, **kwargs: Any) -> None:
@@ -355,19 +355,17 @@ def validate_sdxl_args(args: argparse.Namespace) -> None:
         return
     _need(args.network_train_unet_only,
           "--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train the text encoders)")
-    settings = [(flag, getattr(args, flag, None)) for flag in _CAPTION_CHANGING]
-    if getattr(args, "dataset_config", None) and os.path.isfile(args.dataset_config):
-        import toml
-
-        settings += [(k, v) for k, v in iter_dataset_flags(toml.load(args.dataset_config)) if k in _CAPTION_CHANGING]
-    for flag, value in settings:
-        _need(not value, f"--cache_text_encoder_outputs cannot be used with {flag} (captions must not change)")
+    for flag in _CAPTION_CHANGING:
+        _need(not getattr(args, flag, None),
+              f"--cache_text_encoder_outputs cannot be used with --{flag} (captions must not change)")
 
 
-def iter_dataset_flags(config: dict[str, Any]) -> Iterable[tuple[str, Any]]:
-    """Yield (key, value) of every subset option in a loaded dataset TOML (general, datasets, subsets)."""
-    yield from (config.get("general") or {}).items()
-    for ds in config.get("datasets") or []:
-        yield from ((k, v) for k, v in ds.items() if k != "subsets")
-        for sub in ds.get("subsets") or []:
-            yield from sub.items()
+def check_captions_fixed(data_config: Any) -> None:
+    """Text-encoder output caching needs captions that never change: refuse subsets that shuffle or drop."""
+    for ds in data_config.datasets:
+        for sub in ds.subsets:
+            for flag in _CAPTION_CHANGING:
+                _need(not getattr(sub, flag, None), f"{sub.where}: {flag} cannot be used with "
+                      "--cache_text_encoder_outputs (captions must not change)")
+
+

@@ -88,11 +88,9 @@ def test_sdxl_refusals(tmp_path):
     a = _parser(True).parse_args(_valid(tmp_path, "--cache_text_encoder_outputs"))
     with pytest.raises(ValueError, match="needs --network_train_unet_only"):
         train_args.validate_args(a, sdxl=True)
-    ds = tmp_path / "ds.toml"
-    ds.write_text('[general]\nshuffle_caption = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n')
     a = _parser(True).parse_args(_valid(tmp_path, "--cache_text_encoder_outputs_to_disk", "--network_train_unet_only"))
-    a.dataset_config = str(ds)
-    with pytest.raises(ValueError, match="cannot be used with shuffle_caption"):
+    a.shuffle_caption = True
+    with pytest.raises(ValueError, match="cannot be used with --shuffle_caption"):
         train_args.validate_args(a, sdxl=True)
     a = _parser(True).parse_args(_valid(tmp_path, "--weighted_captions"))
     with pytest.raises(ValueError, match="--weighted_captions is not supported for SDXL"):

@@ -1,0 +1,549 @@
+"""LoRA network training for SD 1.x / 2.x and SDXL: one trainer, the family picks the differences.
+
+`train(args, sdxl)` is the whole of train_network.py / sdxl_train_network.py: validate, load, cache, train,
+save. Memory: frozen weights never get gradients, gradients are freed with `set_to_none`, the VAE and text
+encoders are dropped once their outputs are cached and nothing else needs them, and no model is copied.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import logging
+import math
+import os
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library import lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
+from library.trainer_io import OutputNamer, save_network
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(Exception):
+    """A run stopped early (NaN loss); the message says why and where the last good save is."""
+
+
+class _Interrupt:
+    """SIGINT sets a flag the loop checks after each step (a second Ctrl-C aborts at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_Interrupt":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logger.warning("Ctrl-C: saving the network after this step (press again to abort without saving)")
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def weight_dtypes(args: argparse.Namespace, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(frozen model dtype, network dtype). Frozen weights follow the mixed precision except fp16 on CPU."""
+    mixed = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    if mixed == torch.float16 and device.type == "cpu":
+        logger.warning("--mixed_precision fp16 has no CPU autocast: the frozen model stays fp32 (bf16 works on CPU)")
+        mixed = torch.float32
+    network = mixed if (args.full_fp16 or args.full_bf16) else torch.float32
+    return mixed, network
+
+
+def load_components(args: argparse.Namespace, sdxl: bool, dtype: torch.dtype) -> Any:
+    from library.model_loading import load_models
+
+    return load_models(args.pretrained_model_name_or_path, v2=args.v2, sdxl=sdxl,
+                       v_parameterization=args.v_parameterization, vae=args.vae,
+                       tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=dtype)
+
+
+def set_attention(unet: torch.nn.Module, args: argparse.Namespace) -> None:
+    if args.xformers:
+        unet.enable_xformers_memory_efficient_attention()
+    else:  # SDPA: diffusers' default processor; --mem_eff_attn maps to it (already memory-efficient)
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def create_network(args: argparse.Namespace, components: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Import --network_module, create (or load) the network and apply it; returns (network, module, kwargs)."""
+    module = importlib.import_module(args.network_module)
+    net_kwargs = dict(optimizers.parse_kwargs(args.network_args, "--network_args"))
+    net_kwargs = {k: (",".join(map(str, v)) if isinstance(v, tuple) else str(v)) for k, v in net_kwargs.items()}
+    te = components.text_encoder
+    if args.network_weights and args.dim_from_weights:
+        network, weights_sd = module.create_network_from_weights(1, args.network_weights, components.vae, te,
+                                                                 components.unet, for_inference=False, **net_kwargs)
+    else:
+        if args.network_dropout is not None:
+            net_kwargs["neuron_dropout"] = args.network_dropout
+        network = module.create_network(1.0, args.network_dim, args.network_alpha, components.vae, te,
+                                        components.unet, **net_kwargs)
+    if network is None:
+        raise ValueError(f"--network_module {args.network_module}: create_network returned nothing")
+    train_unet = not args.network_train_text_encoder_only
+    train_te = not args.network_train_unet_only
+    network.apply_to(te, components.unet, train_te, train_unet)
+    if args.network_weights and args.dim_from_weights:
+        network.load_state_dict(weights_sd, strict=False)
+    elif args.network_weights:
+        network.load_weights(args.network_weights)
+        logger.info("loaded network weights from %s", args.network_weights)
+    return network, module, net_kwargs
+
+
+def optimizer_groups(network: Any, args: argparse.Namespace) -> list[Any]:
+    result = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+    if isinstance(result, tuple):  # newer kohya API: (params, lr descriptions)
+        result = result[0]
+    return result
+
+
+class NetworkTrainer:
+    """State of one training run; `run()` trains and returns the final file path."""
+
+    def __init__(self, args: argparse.Namespace, sdxl: bool) -> None:
+        self.args = args
+        self.sdxl = sdxl
+        self.train_unet = not args.network_train_text_encoder_only
+        self.train_te = not args.network_train_unet_only
+        self.loss_window: deque[float] = deque()
+        self.last_save: str | None = None
+        self.samples: list[str] = []
+        self.step_losses: list[float] = []  # loss of the last batch of each optimizer step
+        self.interrupted = False
+        self.final_path = ""
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        args = self.args
+        from library.dataset_config import load_dataset_config
+
+        self.data_config = load_dataset_config(args)  # validates the data before any model loads
+        if getattr(args, "cache_text_encoder_outputs", False):
+            train_args.check_captions_fixed(self.data_config)
+        log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+        log_dir = None
+        if args.logging_dir:
+            log_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                       mixed_precision=args.mixed_precision,
+                                       log_with=None if log_with is None else ("all" if log_with == "all" else log_with),
+                                       project_dir=log_dir)
+        self.device = self.accelerator.device
+        if args.seed is not None:
+            from accelerate.utils import set_seed
+
+            set_seed(args.seed)
+        self.noise_generator = torch.Generator().manual_seed(args.seed if args.seed is not None else
+                                                             int(torch.randint(0, 2**31, ()).item()))
+        self.model_dtype, self.network_dtype = weight_dtypes(args, self.device)
+        self.components = load_components(args, self.sdxl, torch.float32)
+        self.arch = self.components.arch
+        self.v_param = bool(args.v_parameterization or self.components.v_parameterization)
+        args.v_parameterization = self.v_param
+        from library.datasets import build_dataset_group
+
+        self.dataset = build_dataset_group(args, self.components.tokenizers, self.sdxl, config=self.data_config)
+        self.dataset.describe()
+        self.noise_scheduler = noise.make_noise_scheduler(self.components.scheduler_config, self.v_param,
+                                                          args.zero_terminal_snr)
+        self._freeze_models()
+        self._cache_inputs()
+        self.network, self.network_module, self.network_kwargs = create_network(args, self.components)
+        if args.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        _place(self.network, self.device, self.network_dtype)
+        self._build_optimizer()
+
+    def _freeze_models(self) -> None:
+        c = self.components
+        for model in (c.unet, c.vae, *c.text_encoders):
+            if model is not None:
+                model.requires_grad_(False).eval()
+        _place(c.unet, self.device, self.model_dtype)
+        for te in c.text_encoders:
+            _place(te, self.device, self.model_dtype)
+        set_attention(c.unet, self.args)
+
+    def _cache_inputs(self) -> None:
+        """Cache latents (and SDXL text-encoder outputs) then drop the models nothing needs any more."""
+        args, c = self.args, self.components
+        vae_dtype = torch.float32 if (args.no_half_vae or self.sdxl and self.model_dtype == torch.float16) else self.model_dtype
+        _place(c.vae, self.device, vae_dtype)
+        if getattr(args, "cache_latents", False):
+            with torch.no_grad():
+                self.dataset.cache_latents(c.vae, vae_batch_size=getattr(args, "vae_batch_size", 1),
+                                           cache_to_disk=getattr(args, "cache_latents_to_disk", False))
+        self.te_cache = None
+        if getattr(args, "cache_text_encoder_outputs", False):
+            from library.te_cache import TextEncoderOutputCache
+
+            self.te_cache = TextEncoderOutputCache.build(self.dataset, c, args, self.device,
+                                                         to_disk=args.cache_text_encoder_outputs_to_disk)
+        sampling = bool(args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs
+                                                  or args.sample_at_first))
+        if getattr(args, "cache_latents", False) and not sampling:
+            c.vae = None
+        if self.te_cache is not None and not sampling:
+            c.text_encoders = [None] * len(c.text_encoders)
+        gc.collect()
+
+    def _enable_gradient_checkpointing(self) -> None:
+        c = self.components
+        c.unet.enable_gradient_checkpointing()
+        c.unet.train()  # diffusers checkpoints only in training mode; dropout is 0 in SD U-Nets
+        if self.train_te:
+            for te in c.text_encoders:
+                if te is not None:
+                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    te.train()
+        if hasattr(self.network, "enable_gradient_checkpointing"):
+            self.network.enable_gradient_checkpointing()
+
+    def _build_optimizer(self) -> None:
+        args = self.args
+        groups = optimizer_groups(self.network, args)
+        result = optimizers.build_optimizer(train_args.optimizer_name(args), groups, args.learning_rate,
+                                            args.optimizer_args, args.max_grad_norm, args.lr_scheduler)
+        self.optimizer_result = result
+        self.steps_per_epoch = math.ceil(len(self.dataset) / args.gradient_accumulation_steps)
+        if args.max_train_epochs:
+            args.max_train_steps = args.max_train_epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(args.max_train_steps / self.steps_per_epoch)
+        name = result.scheduler_override or args.lr_scheduler_type or args.lr_scheduler
+        scheduler = lr_schedulers.build_scheduler(
+            name, result.optimizer, args.max_train_steps * self.accelerator.num_processes,
+            args.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_args,
+            initial_lr=result.initial_lr)
+        if args.full_fp16:
+            _allow_fp16_gradient_unscale(self.accelerator)
+        self.network, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.network, result.optimizer,
+                                                                                   scheduler)
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    # ------------------------------------------------------------------ data
+    def batches(self, epoch: int, skip: int):
+        """The batches of `epoch` (order fixed by seed and epoch), skipping the first `skip` (resume)."""
+        from library.datasets import make_data_loader
+
+        self.dataset.set_epoch(epoch + 1)
+        return make_data_loader(self.dataset, self.args.max_data_loader_n_workers,
+                                self.args.persistent_data_loader_workers, skip_batches=skip)
+
+    # ------------------------------------------------------------------ loss
+    def conditioning(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.te_cache is not None:
+            return self.te_cache.lookup(batch, self.device, self.model_dtype)
+        from library.text_encoding import encode_tokens
+
+        c, args = self.components, self.args
+        ids = [t.to(self.device) for t in batch["input_ids"]]
+        weights = batch.get("input_weights") if args.weighted_captions else None
+        if weights is not None:
+            weights = [w.to(self.device) for w in weights] if isinstance(weights, (list, tuple)) else weights.to(self.device)
+        with torch.set_grad_enabled(self.train_te):
+            return encode_tokens(c.text_encoders, ids, args.clip_skip, self.sdxl, weights, tokenizers=c.tokenizers,
+                                 max_token_length=args.max_token_length)
+
+    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        if batch.get("latents") is not None:
+            return batch["latents"].to(self.device, dtype=torch.float32)
+        vae = self.components.vae
+        with torch.no_grad():
+            images = batch["images"].to(self.device, dtype=next(vae.parameters()).dtype)
+            latents = vae.encode(images).latent_dist.sample()
+        if not torch.isfinite(latents).all():
+            raise TrainingStopped("the VAE produced NaN latents (use --no_half_vae)")
+        return latents.float() * vae.config.scaling_factor
+
+    def time_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        parts = [batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]]
+        return torch.cat([torch.as_tensor(p).reshape(-1, 2) for p in parts], dim=1).to(self.device, torch.float32)
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        args = self.args
+        latents = self.latents(batch)
+        hidden, pooled = self.conditioning(batch)
+        noise_t, noisy, timesteps = noise.sample_noise_and_timesteps(
+            latents, self.noise_scheduler, noise.NoiseSettings.from_args(args), self.noise_generator)
+        timesteps = timesteps.to(self.device)
+        kwargs = {}
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.model_dtype),
+                                           "time_ids": self.time_ids(batch).to(self.model_dtype)}
+        with self.accelerator.autocast():
+            pred = self.components.unet(noisy.to(self.model_dtype), timesteps, hidden.to(self.model_dtype),
+                                        **kwargs).sample
+        target = noise.training_target(latents, noise_t, timesteps, self.noise_scheduler, self.v_param)
+        per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = batch.get("loss_weights")
+        if weights is not None:
+            per_sample = per_sample * weights.to(per_sample)
+        return noise.weight_loss(per_sample, timesteps, self.noise_scheduler, args).mean()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> str:
+        args = self.args
+        namer = OutputNamer(args.output_dir, args.output_name, args.save_model_as)
+        progress = train_state.Progress()
+        if args.resume:
+            progress = train_state.load_state(args.resume, network=self.accelerator.unwrap_model(self.network),
+                                              optimizer=self.optimizer, scheduler=self.lr_scheduler,
+                                              noise_generator=self.noise_generator, scaler=self.accelerator.scaler)
+            logger.info("resumed from %s at epoch %d, step %d", args.resume, progress.epoch + 1, progress.global_step)
+        self.progress = progress
+        self.namer = namer
+        self.metadata = self._metadata()
+        if self.accelerator.is_main_process and (args.log_with or args.logging_dir):
+            self.accelerator.init_trackers(args.log_tracker_name or "network_train", config=None)
+        logger.info("training: %d batches per epoch, %d epochs, %d steps, %d trainable tensors",
+                    len(self.dataset), self.num_epochs, args.max_train_steps, len(self.trainable))
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=args.max_train_steps, initial=progress.global_step, desc="steps", smoothing=0,
+                        disable=not self.accelerator.is_local_main_process)
+        if args.sample_at_first and progress.global_step == 0:
+            self.sample(0, None)
+        with _Interrupt() as interrupt:
+            self._loop(progress, interrupt)
+        self.bar.close()
+        if interrupt.requested:
+            return self.last_save or ""
+        path = self.save(namer.final(), progress)
+        if args.save_state or args.save_state_on_train_end:
+            self.save_state(namer.state_final(), progress)
+        self.accelerator.end_training()
+        return path
+
+    def _loop(self, progress: train_state.Progress, interrupt: _Interrupt) -> None:
+        args = self.args
+        for epoch in range(progress.epoch, self.num_epochs):
+            progress.epoch = epoch
+            net = self.accelerator.unwrap_model(self.network)
+            if hasattr(net, "on_epoch_start"):
+                net.on_epoch_start(self.components.text_encoder, self.components.unet)
+            for batch in self.batches(epoch, progress.batches_in_epoch):
+                self.dataset.set_current_step(progress.global_step)
+                synced = self.step(batch, progress)
+                progress.batches_in_epoch += 1
+                if not synced:
+                    continue
+                self.after_step(progress)
+                if interrupt.requested:
+                    self.save_interrupted(progress)
+                    return
+                if progress.global_step >= args.max_train_steps:
+                    break
+            if progress.global_step >= args.max_train_steps and progress.batches_in_epoch < len(self.dataset):
+                return
+            progress.epoch, progress.batches_in_epoch = epoch + 1, 0
+            self.after_epoch(epoch + 1, progress)
+            if progress.global_step >= args.max_train_steps:
+                return
+
+    def step(self, batch: dict[str, Any], progress: train_state.Progress) -> bool:
+        args = self.args
+        with self.accelerator.accumulate(self.network):
+            loss = self.loss(batch)
+            if not torch.isfinite(loss):
+                raise TrainingStopped(f"loss is {loss.item()} at step {progress.global_step + 1} (epoch "
+                                      f"{progress.epoch + 1}); stopped without saving. Last good save: "
+                                      f"{self.last_save or 'none'}")
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and args.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.loss_window.append(loss.item())
+        if len(self.loss_window) > len(self.dataset):
+            self.loss_window.popleft()
+        return self.accelerator.sync_gradients
+
+    def after_step(self, progress: train_state.Progress) -> None:
+        args = self.args
+        progress.global_step += 1
+        logs = {"loss/current": self.loss_window[-1],
+                "loss/average": sum(self.loss_window) / len(self.loss_window)}
+        if args.scale_weight_norms:
+            net = self.accelerator.unwrap_model(self.network)
+            scaled, mean_norm, max_norm = net.apply_max_norm_regularization(args.scale_weight_norms, self.device)
+            logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm,
+                         "max_norm/max_key_norm": max_norm})
+        logs.update(self.lr_logs())
+        self.bar.update(1)
+        self.bar.set_postfix(epoch=progress.epoch + 1, loss=f"{logs['loss/average']:.4f}")
+        if args.log_with or args.logging_dir:
+            self.accelerator.log(logs, step=progress.global_step)
+        self.step_losses.append(logs["loss/current"])
+        if args.sample_every_n_steps and not args.sample_every_n_epochs and \
+                progress.global_step % args.sample_every_n_steps == 0:
+            self.sample(progress.global_step, None)
+        if args.save_every_n_steps and progress.global_step % args.save_every_n_steps == 0 \
+                and progress.global_step < args.max_train_steps:
+            self.save(self.namer.step(progress.global_step), progress)
+            if args.save_state:
+                self.save_state(self.namer.step_state(progress.global_step), progress)
+            self.namer.prune_steps(progress.global_step, args.save_every_n_steps, args.save_last_n_steps,
+                                   args.save_last_n_steps_state)
+
+    def after_epoch(self, epoch: int, progress: train_state.Progress) -> None:
+        args = self.args
+        if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < self.num_epochs:
+            self.save(self.namer.epoch(epoch), progress)
+            if args.save_state:
+                self.save_state(self.namer.epoch_state(epoch), progress)
+            self.namer.prune_epochs(epoch, args.save_every_n_epochs, args.save_last_n_epochs,
+                                    args.save_last_n_epochs_state)
+        if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
+            self.sample(progress.global_step, epoch)
+
+    def lr_logs(self) -> dict[str, float]:
+        names = getattr(self.accelerator.unwrap_model(self.network), "lr_descriptions", None) or []
+        if len(names) != len(self.optimizer.param_groups):
+            names = _group_names(self.optimizer.param_groups, self.train_te, self.train_unet)
+        logs = {f"lr/{n}": float(g["lr"] or 0.0) for n, g in zip(names, self.optimizer.param_groups)}
+        if optimizers.is_adaptive(train_args.optimizer_name(self.args)):
+            for n, value in zip(names, optimizers.effective_lrs(self.optimizer)):
+                logs[f"lr/d*lr/{n}"] = value
+        return logs
+
+    # ------------------------------------------------------------------ outputs
+    def _metadata(self) -> dict[str, str]:
+        if self.args.no_metadata:
+            return {}
+        return train_metadata.training_metadata(
+            self.args, arch=self.arch, v_parameterization=self.v_param, dataset=self.dataset,
+            num_batches_per_epoch=len(self.dataset), num_epochs=self.num_epochs,
+            optimizer_text=f"{self.optimizer_result.name}({self.optimizer_result.args_text})",
+            network_args=self.network_kwargs, started_at=time.time())
+
+    def save(self, path: str, progress: train_state.Progress) -> str:
+        meta = {} if self.args.no_metadata else train_metadata.at_save(self.metadata, progress.global_step,
+                                                                        progress.epoch)
+        dtype = _save_dtype(self.args.save_precision)
+        if self.accelerator.is_main_process:
+            save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta or None)
+            logger.info("saved %s", path)
+        self.last_save = path
+        return path
+
+    def save_state(self, folder: str, progress: train_state.Progress) -> None:
+        if self.accelerator.is_main_process:
+            train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
+                                   optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
+                                   noise_generator=self.noise_generator, scaler=self.accelerator.scaler)
+            logger.info("saved training state %s", folder)
+
+    def save_interrupted(self, progress: train_state.Progress) -> None:
+        path = self.save(self.namer.step(progress.global_step), progress)
+        if self.args.save_state:
+            self.save_state(self.namer.step_state(progress.global_step), progress)
+        self.interrupted = True
+        logger.warning("interrupted at step %d: saved %s", progress.global_step, path)
+
+    def sample(self, step: int, epoch: int | None) -> None:
+        args = self.args
+        if not args.sample_prompts or not self.accelerator.is_main_process:
+            return
+        from library.sampling import sample_images
+
+        net = self.accelerator.unwrap_model(self.network)
+        autocast = self.model_dtype if self.model_dtype != torch.float32 else None
+        paths = sample_images(self.components, args.sample_prompts, args.output_dir, step, epoch,
+                              args.sample_sampler, output_name=args.output_name, device=self.device,
+                              clip_skip=args.clip_skip, autocast_dtype=autocast, networks=[])
+        self.samples.extend(paths)
+        del net
+
+
+def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move only what differs (diffusers warns about dtype casts even when they change nothing)."""
+    param = next(model.parameters(), None)
+    if param is None or param.dtype != dtype:
+        model.to(device=device, dtype=dtype)
+    elif param.device != device:
+        model.to(device)
+
+
+def _group_names(groups: list[dict[str, Any]], train_te: bool, train_unet: bool) -> list[str]:
+    if len(groups) == 1:
+        return ["unet" if train_unet and not train_te else "textencoder" if train_te and not train_unet else "all"]
+    if len(groups) == 2 and train_te and train_unet:
+        return ["textencoder", "unet"]
+    return [f"group{i}" for i in range(len(groups))]
+
+
+def _save_dtype(name: str | None) -> torch.dtype | None:
+    from library.file_io import precision_dtype
+
+    return precision_dtype(name)
+
+
+def _allow_fp16_gradient_unscale(accelerator: Any) -> None:
+    """--full_fp16: let the grad scaler unscale fp16 gradients (torch refuses by default)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return
+    original = scaler._unscale_grads_
+
+    def unscale(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ANN001
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale
+
+
+def train(args: argparse.Namespace, sdxl: bool = False) -> NetworkTrainer:
+    """Validate, set up and run a training; returns the trainer (its `final_path`, `samples`, ...)."""
+    train_args.validate_args(args, sdxl=sdxl)
+    if args.output_name is None:
+        args.output_name = "last"
+    if args.output_dir is None:
+        raise ValueError("--output_dir is required (folder for the LoRA files)")
+    trainer = NetworkTrainer(args, sdxl)
+    trainer.setup()
+    trainer.final_path = trainer.run()
+    return trainer
+
+
+def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
+    """Entry point of train_network.py / sdxl_train_network.py."""
+    from library.dataset_config import add_dataset_arguments
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=("SDXL " if sdxl else "") + "LoRA network training "
+                                     "(kohya sd-scripts compatible)")
+    add_dataset_arguments(parser)
+    train_args.add_all_training_arguments(parser, sdxl=sdxl)
+    try:
+        args = train_args.parse_args(parser, argv)
+        if sdxl and getattr(args, "resolution", None) is None:
+            args.resolution = "1024,1024"
+        trainer = train(args, sdxl)
+    except (ValueError, FileNotFoundError, TrainingStopped) as e:
+        raise SystemExit(f"error: {e}") from None
+    if trainer.final_path:
+        print(f"LoRA saved: {os.path.abspath(trainer.final_path)}")
+    if trainer.samples:
+        print(f"sample images: {os.path.abspath(os.path.dirname(trainer.samples[0]))}")
+    if trainer.interrupted:
+        raise SystemExit(130)

@@ -1,0 +1,121 @@
+"""Training state folders (`--save_state`) and `--resume`: continue exactly where a run stopped.
+
+A state folder holds the network weights, optimizer, scheduler, gradient scaler, every RNG stream (python,
+numpy, torch, the noise generator) and the progress counters (epoch, global step, batches taken in the
+epoch). It is written into a temporary folder and renamed, so a crash never leaves a half state. Unlike
+sd-scripts, the step counter, epoch and data position are restored: a resumed run takes the same next batch
+with the same learning rate as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "train_state.pt"
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass
+class Progress:
+    """Where a run is: `epoch` (0-based, current), optimizer steps done, batches taken in the epoch."""
+
+    epoch: int = 0
+    global_step: int = 0
+    batches_in_epoch: int = 0
+
+
+def rng_state(noise_generator: torch.Generator | None) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if noise_generator is not None:
+        state["noise"] = noise_generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], noise_generator: torch.Generator | None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if noise_generator is not None and "noise" in state:
+        noise_generator.set_state(state["noise"])
+
+
+def save_state(folder: str | os.PathLike, *, network: torch.nn.Module, optimizer: Any, scheduler: Any,
+               progress: Progress, noise_generator: torch.Generator | None = None, scaler: Any = None,
+               extra: dict[str, Any] | None = None) -> str:
+    """Write the state folder atomically (temporary folder beside it, then rename); returns its path."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        payload = {
+            "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": _rng_to_saveable(rng_state(noise_generator)),
+        }
+        torch.save(payload, tmp / STATE_FILE)
+        (tmp / PROGRESS_FILE).write_text(json.dumps({**asdict(progress), **(extra or {})}, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(folder)
+
+
+def _rng_to_saveable(state: dict[str, Any]) -> dict[str, Any]:
+    # numpy's state tuple holds an ndarray; store lists so weights_only loading accepts it.
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    out = dict(state)
+    out["numpy"] = [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    out["python"] = [state["python"][0], list(state["python"][1]), state["python"][2]]
+    return out
+
+
+def _rng_from_saved(state: dict[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    out["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    version, internal, gauss = state["python"]
+    out["python"] = (version, tuple(internal), gauss)
+    return out
+
+
+def read_progress(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / PROGRESS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {folder}: not a training state folder (no {PROGRESS_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_state(folder: str | os.PathLike, *, network: torch.nn.Module, optimizer: Any, scheduler: Any,
+               noise_generator: torch.Generator | None = None, scaler: Any = None) -> Progress:
+    """Restore everything `save_state` wrote into the given live objects; returns the progress."""
+    info = read_progress(folder)
+    payload = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    missing, unexpected = network.load_state_dict(payload["network"], strict=False)
+    if unexpected or missing:
+        raise ValueError(f"--resume {folder}: the state's network does not match this network "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected keys; same --network_* options?)")
+    optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload["scheduler"] is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload.get("scaler") is not None:
+        scaler.load_state_dict(payload["scaler"])
+    set_rng_state(_rng_from_saved(payload["rng"]), noise_generator)
+    return Progress(info["epoch"], info["global_step"], info["batches_in_epoch"])

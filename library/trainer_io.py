@@ -1,0 +1,79 @@
+"""File names of training outputs (sd-scripts' `-000001` / `-step00000100` / `-state`), pruning, atomic saves."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class OutputNamer:
+    """Paths of the LoRA files and state folders of one run, and removal of old ones (--save_last_n_*)."""
+
+    def __init__(self, output_dir: str, output_name: str, save_model_as: str = "safetensors") -> None:
+        self.dir = Path(output_dir)
+        self.name = output_name
+        self.ext = "." + save_model_as
+
+    def final(self) -> str:
+        return str(self.dir / f"{self.name}{self.ext}")
+
+    def epoch(self, epoch: int) -> str:
+        return str(self.dir / f"{self.name}-{epoch:06d}{self.ext}")
+
+    def step(self, step: int) -> str:
+        return str(self.dir / f"{self.name}-step{step:08d}{self.ext}")
+
+    def epoch_state(self, epoch: int) -> str:
+        return str(self.dir / f"{self.name}-{epoch:06d}-state")
+
+    def step_state(self, step: int) -> str:
+        return str(self.dir / f"{self.name}-step{step:08d}-state")
+
+    def state_final(self) -> str:
+        return str(self.dir / f"{self.name}-state")
+
+    def _existing(self, pattern: str) -> list[tuple[int, Path]]:
+        regex = re.compile(re.escape(self.name) + pattern + "$")
+        found = []
+        for entry in self.dir.glob(f"{self.name}-*"):
+            m = regex.match(entry.name)
+            if m:
+                found.append((int(m.group(1)), entry))
+        return found
+
+    def _prune(self, pattern: str, keep_after: int) -> None:
+        for number, path in self._existing(pattern):
+            if number <= keep_after:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def prune_epochs(self, epoch: int, every: int, last_n: int | None, last_n_state: int | None) -> None:
+        """Keep the newest `last_n` epoch files (and `last_n_state` states)."""
+        if last_n:
+            self._prune(r"-(\d{6})" + re.escape(self.ext), epoch - every * last_n)
+        if last_n_state:
+            self._prune(r"-(\d{6})-state", epoch - every * last_n_state)
+
+    def prune_steps(self, step: int, every: int, last_n: int | None, last_n_state: int | None) -> None:
+        """Keep the step files of the last `last_n` steps (sd-scripts counts steps, not files)."""
+        if last_n:
+            self._prune(r"-step(\d{8})" + re.escape(self.ext), step - last_n)
+        if last_n_state:
+            self._prune(r"-step(\d{8})-state", step - last_n_state)
+
+
+def save_network(network: Any, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
+    """`network.save_weights` into a temporary file with the same extension, then rename (atomic)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}{target.suffix}")
+    try:
+        network.save_weights(str(tmp), dtype, metadata)
+        os.replace(tmp, target)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
