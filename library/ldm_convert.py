@@ -412,17 +412,27 @@ def ldm_to_diffusers(component: str, names: Sequence[str], get: Callable[[str], 
 
     A fused q/k/v tensor is read once for its three parts. Tensors are cast to `dtype` and moved to `device`.
     """
-    cached_key, cached = None, None
+    cache: dict[str, torch.Tensor] = {}  # the fused in_proj weight and bias of the current layer
     for name in names:
         p = ldm_param_for(component, name, layout)
-        if p.key != cached_key:
+        if p.key not in cache:
             try:
-                cached = get(p.key)
+                tensor = get(p.key)
             except KeyError:
                 raise CheckpointError(f"{source}: missing tensor {p.key} (for {component} {name})") from None
-            cached_key = p.key
-        t = p.from_ldm(cached)
-        yield name, t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+            if p.rows is None:
+                cache.clear()
+            elif len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            cache[p.key] = tensor
+        t = p.from_ldm(cache[p.key])
+        if p.rows is None:
+            cache.pop(p.key)
+        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        converted = t.to(device=device, dtype=out_dtype)
+        if p.rows is not None and converted.data_ptr() == t.data_ptr():
+            converted = converted.clone()  # q/k/v must not share the fused tensor's storage
+        yield name, converted.contiguous()
 
 
 def extra_ldm_keys(layout: LdmLayout, index: int, keys: Sequence[str]) -> list[str]:

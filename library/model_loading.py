@@ -151,8 +151,9 @@ def _read_json(path_or_id: str, subfolder: str, filename: str, local: bool) -> d
 
     try:
         return json.loads(Path(hf_hub_download(path_or_id, filename, subfolder=subfolder or None)).read_text())
-    except Exception as e:  # missing file or no network: the caller decides
-        if "404" in str(e) or "EntryNotFound" in type(e).__name__:
+    except Exception as e:  # a file missing from the repo is None; offline / unknown repo is an error
+        name = type(e).__name__
+        if "EntryNotFound" in name and not name.startswith("Local"):
             return None
         raise
 
@@ -220,8 +221,10 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, family: 
     p = Path(path)
     if p.is_dir():
         sub = "vae" if (p / "vae" / "config.json").is_file() else None
-        if sub is None and not (p / "config.json").is_file():
-            raise CheckpointError(f"{p}: not a Diffusers VAE folder (no config.json or vae/config.json)")
+        cfg = _read_json(str(p), sub or "", "config.json", local=True) or {}
+        if cfg.get("_class_name") != "AutoencoderKL":
+            raise CheckpointError(f"{p}: not a Diffusers VAE folder (no config.json or vae/config.json of an "
+                                  f"AutoencoderKL)")
         return AutoencoderKL.from_pretrained(str(p), subfolder=sub, torch_dtype=dtype).to(device).eval()
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such VAE file or folder")
@@ -287,19 +290,17 @@ def _diffusers_vae_as_ldm(reader, shapes: Mapping[str, Sequence[int]]):
 def load_tokenizers(family: str, folder: str | os.PathLike | None = None,
                     tokenizer_cache_dir: str | os.PathLike | None = None, hub_model: str | None = None) -> list:
     """The tokenizer(s) of `family`: from a Diffusers folder, `tokenizer_cache_dir`, or the hub (then cached)."""
-    from transformers import CLIPTokenizer
-
     out = []
     for i, kind in enumerate(FAMILY_TOKENIZERS[family]):
         sub = "tokenizer" if i == 0 else "tokenizer_2"
         tok = None
         if folder is not None and (Path(folder) / sub).is_dir():
-            tok = CLIPTokenizer.from_pretrained(str(Path(folder) / sub))
+            tok = _load_tokenizer_folder(Path(folder) / sub)
         if tok is None and hub_model is not None:
             tok = _try_hub_tokenizer(hub_model, sub)
         cache = Path(tokenizer_cache_dir) / TOKENIZER_IDS[kind].replace("/", "_") if tokenizer_cache_dir else None
         if tok is None and cache is not None and cache.is_dir():
-            tok = CLIPTokenizer.from_pretrained(str(cache))
+            tok = _load_tokenizer_folder(cache)
         if tok is None:
             tok = _try_hub_tokenizer(TOKENIZER_IDS[kind], "tokenizer" if kind == "sd2" else None)
             if tok is None:
@@ -318,11 +319,26 @@ def _try_hub_tokenizer(model_id: str, subfolder: str | None):
     from transformers import CLIPTokenizer
 
     try:
-        return CLIPTokenizer.from_pretrained(model_id, subfolder=subfolder) if subfolder else \
+        tok = CLIPTokenizer.from_pretrained(model_id, subfolder=subfolder) if subfolder else \
             CLIPTokenizer.from_pretrained(model_id)
     except Exception as e:  # offline or missing: the caller reports what to do
         logger.debug("tokenizer %s not loaded from the hub: %s", model_id, e)
         return None
+    # transformers 5 returns an empty tokenizer (only the special tokens) when the files are unreachable
+    return tok if _has_vocabulary(tok) else None
+
+
+def _has_vocabulary(tok) -> bool:
+    return len(tok) > 1000
+
+
+def _load_tokenizer_folder(folder: Path):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(folder))
+    if not _has_vocabulary(tok):
+        raise CheckpointError(f"{folder}: not a CLIP tokenizer folder (no vocab.json/merges.txt or tokenizer.json)")
+    return tok
 
 
 def _normalize_tokenizer(tok, openclip: bool):
