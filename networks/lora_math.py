@@ -337,7 +337,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 # ----------------------------------------------------------------------------------------------- families
 def lora_family(lora: LoRAFile) -> str | None:
-    """`sdxl`, `sd2`, `sd1`, or None when it cannot tell (e.g. a UNet-only SD1/SD2 LoRA without metadata)."""
+    """`sdxl`, `sd2`, `sd1`, `sd` (SD 1.x or 2.x, e.g. a UNet-only LoRA without metadata) or None (unknown)."""
     from networks.lora_names import guess_file_family
 
     md = lora.metadata
@@ -354,25 +354,35 @@ def lora_family(lora: LoRAFile) -> str | None:
         return "sd1"
     if base.startswith(("sd_v2", "stable-diffusion-v2")):
         return "sd2"
-    return None
+    return "sd" if guess == "SD1/SD2" else None
+
+
+def families_compatible(a: str | None, b: str | None) -> bool:
+    """Whether LoRAs / models of families a and b can be combined (`sd` matches sd1 and sd2, None anything)."""
+    if a is None or b is None or a == b:
+        return True
+    return {a, b} in ({"sd", "sd1"}, {"sd", "sd2"})
 
 
 def check_same_family(loras: Sequence[LoRAFile], expected: str | None = None, what: str = "") -> str | None:
-    """Raise when the LoRAs (and the model, `expected`) are of different families (v1 / v2 / SDXL)."""
+    """The LoRAs' common family (most specific known); raises when they (or the model, `expected`) differ."""
     known = {str(l.path): lora_family(l) for l in loras}
-    families = {f for f in known.values() if f is not None}
     if expected is not None:
         for path, fam in known.items():
-            if fam is not None and fam != expected:
+            if not families_compatible(fam, expected):
                 raise ValueError(f"{path} is a {FAMILY_NAMES[fam]} LoRA but {what or 'the model'} is {FAMILY_NAMES[expected]}")
         return expected
-    if len(families) > 1:
-        listing = ", ".join(f"{Path(p).name}: {FAMILY_NAMES[f]}" for p, f in known.items() if f)
-        raise ValueError(f"cannot merge LoRAs of different model versions ({listing})")
-    return next(iter(families), None)
+    found = [(p, f) for p, f in known.items() if f is not None]
+    for i, (p1, f1) in enumerate(found):
+        for p2, f2 in found[i + 1:]:
+            if not families_compatible(f1, f2):
+                raise ValueError(f"cannot merge LoRAs of different model versions ({Path(p1).name}: {FAMILY_NAMES[f1]}, "
+                                 f"{Path(p2).name}: {FAMILY_NAMES[f2]})")
+    specific = [f for _, f in found if f != "sd"]
+    return specific[0] if specific else (found[0][1] if found else None)
 
 
-FAMILY_NAMES = {"sd1": "SD 1.x (v1)", "sd2": "SD 2.x (v2)", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD 1.x (v1)", "sd2": "SD 2.x (v2)", "sdxl": "SDXL", "sd": "SD 1.x/2.x"}
 
 
 # ----------------------------------------------------------------------------------------------- metadata

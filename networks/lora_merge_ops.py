@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from networks.lora_math import (ALPHA, DOWN, FAMILY_NAMES, UP, LoRAFile, ModuleInfo, check_same_family, dims_metadata,
+                                families_compatible,
                                 factorize, merged_metadata, open_loras, source_record)
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def check_ratios(models: Sequence[str], ratios: Sequence[float] | None) -> list[
 def check_families(loras: Sequence[LoRAFile], allowed: Sequence[str] | None = None) -> str | None:
     """The common family of the LoRAs (None if unknown); raises for mixed families or one not in `allowed`."""
     family = check_same_family(loras)
-    if allowed is not None and family is not None and family not in allowed:
+    if allowed is not None and not any(families_compatible(family, a) for a in allowed):
         tool = "sdxl_merge_lora.py" if family == "sdxl" else "merge_lora.py"
         raise ValueError(f"{', '.join(str(l.path) for l in loras)}: {FAMILY_NAMES[family]} LoRA(s); "
                          f"this tool takes {' / '.join(FAMILY_NAMES[f] for f in allowed)} LoRAs (use {tool})")
