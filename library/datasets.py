@@ -236,7 +236,7 @@ class ImageDataset:
                 choice = self.manager.select(*info.size)
                 info.bucket_reso, info.resized_size = choice.bucket_reso, choice.resized_size
                 self.ar_errors.append(choice.ar_error)
-            self.buckets.setdefault(choice.bucket_reso, []).extend([idx] * info.num_repeats)
+            self.buckets.setdefault(info.bucket_reso, []).extend([idx] * info.num_repeats)
 
     def batches(self, rng: np.random.Generator) -> list[list[int]]:
         """This epoch's batches (image indices), bucket contents shuffled by `rng`."""
