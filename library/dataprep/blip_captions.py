@@ -88,7 +88,8 @@ def caption_images(images: list[Path], model, processor, opts: GenerationOptions
     """Caption each image, writing `<stem><extension>` beside it atomically; unreadable images are listed."""
     from tqdm import tqdm
 
-    from library.dataprep.metadata import load_rgb, prefetch, sidecar_path, write_text
+    from library.dataprep.metadata import prefetch, sidecar_path, write_text
+    from library.images import load_image
 
     result = CaptionResult()
     batch: list[tuple[Path, object]] = []
@@ -100,7 +101,7 @@ def caption_images(images: list[Path], model, processor, opts: GenerationOptions
             logger.debug("%s: %s", path, caption)
         batch.clear()
 
-    for path, image, err in tqdm(prefetch(images, load_rgb, workers), total=len(images), desc="captioning",
+    for path, image, err in tqdm(prefetch(images, load_image, workers), total=len(images), desc="captioning",
                                  smoothing=0.0):
         if err is not None:
             logger.error("%s", err)

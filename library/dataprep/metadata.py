@@ -25,33 +25,21 @@ T = TypeVar("T")
 Metadata = dict[str, dict]
 
 
-# Until library/images.py (datasets) lands: the same extension list the training data uses.
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
 def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Image files of `folder` (sorted; subfolders too with `recursive`); errors name a missing folder."""
+    """Image files of `folder` (sorted; subfolders too with `recursive`); errors name a missing folder.
+
+    What counts as an image (extensions, hidden files skipped) is library.images' rule, the training data's."""
+    from library.images import is_image_file
+    from library.images import list_images as list_folder
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (expected the folder holding the training images)")
-    walk = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in walk if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS)
-
-
-def load_rgb(path: str | os.PathLike):
-    """Open an image as RGB PIL image (EXIF orientation applied); the error names the file."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "P", "PA"):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)
-            return im.convert("RGB")
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+    if not recursive:
+        return [Path(p) for p in list_folder(folder)]
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in
+                                                                  p.relative_to(folder).parts))
 
 
 def image_key(image_path: str | os.PathLike, full_path: bool) -> str:

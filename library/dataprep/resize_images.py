@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from library.dataprep.metadata import _IMAGE_EXTENSIONS, prefetch, report_failures
+from library.dataprep.metadata import prefetch, report_failures
 from library.file_io import atomic_path
+from library.images import is_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,10 @@ def center_crop(img: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def _open_array(path: Path) -> np.ndarray:
-    """Image as uint8 RGB or RGBA array (RGBA kept only when the image has transparency), EXIF-rotated."""
+    """Image as uint8 RGB or RGBA array (RGBA kept only when the image has transparency), EXIF-rotated.
+
+    Unlike library.images.load_image (which composites transparency onto white for training), the alpha channel
+    is kept as it is so PNG copies stay identical to the original apart from their size."""
     from PIL import Image, ImageOps
 
     try:
@@ -127,7 +131,7 @@ def index_associated_files(files: list[Path]) -> dict[str, list[Path]]:
     image `a.png` finds `a.txt`, `a.caption` and `a.tags.txt` in one lookup."""
     index: dict[str, list[Path]] = {}
     for f in files:
-        if f.suffix.lower() in _IMAGE_EXTENSIONS:
+        if is_image_file(f):
             continue
         parts = f.name.split(".")
         for i in range(1, len(parts)):
@@ -162,7 +166,7 @@ def resize_folder(src: str | os.PathLike, dst: str | os.PathLike, resolutions: l
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"--interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
     files = sorted(p for p in src.iterdir() if p.is_file())
-    images = [p for p in files if p.suffix.lower() in _IMAGE_EXTENSIONS]
+    images = [p for p in files if is_image_file(p)]
     _check_output_names(images, resolutions, save_as_png)
     dst.mkdir(parents=True, exist_ok=True)
 

@@ -122,11 +122,11 @@ def select_tags(probs: np.ndarray, table: TagTable, opts: TagOptions) -> list[st
     return tags
 
 
-def preprocess(image, size: int) -> np.ndarray:
-    """PIL RGB image -> HxWx3 float32 BGR, padded to a white square, resized to `size`."""
+def preprocess(image: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> (size, size, 3) float32 BGR, padded to a white square, resized to `size`."""
     import cv2
 
-    arr = np.asarray(image.convert("RGB"))[:, :, ::-1]
+    arr = image[:, :, ::-1]
     side = max(arr.shape[:2])
     pad_y, pad_x = side - arr.shape[0], side - arr.shape[1]
     arr = np.pad(arr, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)),
@@ -189,13 +189,14 @@ def tag_images(images: list[Path], tagger: OnnxTagger, table: TagTable, opts: Ta
     and listed in the result."""
     from tqdm import tqdm
 
-    from library.dataprep.metadata import load_rgb, prefetch, sidecar_path, write_text
+    from library.dataprep.metadata import prefetch, sidecar_path, write_text
+    from library.images import load_image
 
     batch_size = tagger.fixed_batch or batch_size
     result = TaggingResult()
 
     def load(path: Path) -> np.ndarray:
-        return preprocess(load_rgb(path), tagger.image_size)
+        return preprocess(load_image(path), tagger.image_size)
 
     def flush(batch: list[tuple[Path, np.ndarray]]) -> None:
         probs = tagger(np.stack([arr for _, arr in batch]))
