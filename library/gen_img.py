@@ -10,10 +10,8 @@ import argparse
 import datetime
 import importlib
 import logging
-import os
 import random
 import re
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -261,7 +259,7 @@ def load_networks(args: argparse.Namespace, comps, dtype: torch.dtype, device: t
 class SeedSource:
     """sd-scripts' seeds: --seed alone fixes the one image; with many images it seeds the seeds."""
 
-    def __init__(self, seed: int | None, total: int | None, iter_same_seed: bool):
+    def __init__(self, seed: int | None, total: int, iter_same_seed: bool):
         self.seed, self.iter_same_seed = seed, iter_same_seed
         self.single = seed is not None and total == 1
         self.rng = random.Random(seed) if seed is not None else None
@@ -348,9 +346,8 @@ def run(args: argparse.Namespace, sdxl: bool, components=None) -> list[str]:
             logger.info("saved %s", written[-1])
 
     if args.interactive:
-        seeds = SeedSource(args.seed, None, args.iter_same_seed)
-        for spec in _interactive_prompts():
-            seeds.rng = random.Random(args.seed) if args.seed is not None else None
+        for spec in _interactive_prompts():  # every prompt starts again from --seed
+            seeds = SeedSource(args.seed, args.images_per_prompt, args.iter_same_seed)
             produce(jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds))
         return written
     seeds = SeedSource(args.seed, args.n_iter * len(specs) * args.images_per_prompt, args.iter_same_seed)

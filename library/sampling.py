@@ -1,6 +1,6 @@
 """Prompt options, samplers and the denoising loop shared by training samples and the generation scripts.
 
-- `parse_prompt_line("a cat --n ugly --w 512 --h 768 --d 1 --l 7.5 --s 28 --am 0.5")` -> `PromptSpec`;
+- `parse_prompt_line("a cat --n ugly --w 512 --h 768 --d 1 --l 7.5 --s 28 --am 0.5")` -> `PromptSpec` and
   `read_prompt_file(path)` reads .txt (one prompt a line, `#` comments), .toml (`[prompt]` defaults plus
   `[[prompt.subset]]` entries) and .json (a list of lines or of dicts) prompt files as sd-scripts does.
 - `SAMPLERS` / `make_scheduler(name, scheduler_config, v_parameterization)`: sd-scripts' sampler names to diffusers
@@ -15,25 +15,23 @@ from __future__ import annotations
 import contextlib
 import datetime
 import inspect
-import json
 import logging
 import os
 import random
 import secrets
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from library.sample_prompts import (  # noqa: F401  (re-exported: the sampling API)
+    PROMPT_OPTIONS, SAMPLERS, PromptSpec, canonical_sampler, parse_prompt_line, prompt_from_dict, read_prompt_file)
+
 logger = logging.getLogger(__name__)
 
-SAMPLERS = (
-    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
-    "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
-)
 # scheduler class name and the settings that differ from the model's scheduler config
 _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
@@ -50,14 +48,6 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 _SCHEDULER_BASE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                    "beta_schedule": "scaled_linear", "steps_offset": 1}
-
-
-def canonical_sampler(name: str) -> str:
-    """`k_euler` -> `euler` etc.; raises ValueError for an unknown name (listing the valid ones)."""
-    key = name.lower()
-    if key not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
-    return key[2:] if key.startswith("k_") else key
 
 
 def make_scheduler(name: str, scheduler_config: dict[str, Any] | None = None, v_parameterization: bool = False):
@@ -90,166 +80,6 @@ def build_pipeline(components, sampler: str = "ddim"):
     return StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoders[0],
                                    tokenizer=components.tokenizers[0], unet=components.unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-# ---------------------------------------------------------------------------------------------------- prompts
-
-@dataclass
-class PromptSpec:
-    """One prompt and the options written after it; None means "use the caller's default"."""
-
-    prompt: str
-    negative_prompt: str | None = None  # --n
-    width: int | None = None  # --w
-    height: int | None = None  # --h
-    seeds: list[int] | None = None  # --d (gen_img accepts a comma list: one seed per image)
-    scale: float | None = None  # --l
-    negative_scale: float | None = None  # --nl
-    steps: int | None = None  # --s (clamped to 1..1000)
-    network_muls: list[float] | None = None  # --am (comma list, one per network)
-    sampler: str | None = None  # --ss
-    original_width: int | None = None  # --ow (SDXL)
-    original_height: int | None = None  # --oh
-    original_width_negative: int | None = None  # --nw
-    original_height_negative: int | None = None  # --nh
-    crop_top: int | None = None  # --ct
-    crop_left: int | None = None  # --cl
-    index: int = 0  # position in the prompt file (names the sample images)
-
-    @property
-    def seed(self) -> int | None:
-        return self.seeds[0] if self.seeds else None
-
-
-def _ints(v: str) -> list[int]:
-    return [int(x) for x in v.split(",") if x.strip()]
-
-
-def _floats(v: str) -> list[float]:
-    return [float(x) for x in v.split(",") if x.strip()]
-
-
-def _steps(v: Any) -> int:
-    return max(1, min(1000, int(v)))
-
-
-def _optional_float(v: Any) -> float | None:
-    return None if str(v).strip().lower() == "none" else float(v)
-
-
-# option letter -> (PromptSpec field, converter)
-PROMPT_OPTIONS: dict[str, tuple[str, Any]] = {
-    "n": ("negative_prompt", str),
-    "w": ("width", int),
-    "h": ("height", int),
-    "d": ("seeds", _ints),
-    "l": ("scale", float),
-    "nl": ("negative_scale", _optional_float),
-    "s": ("steps", _steps),
-    "am": ("network_muls", _floats),
-    "ss": ("sampler", canonical_sampler),
-    "ow": ("original_width", int),
-    "oh": ("original_height", int),
-    "nw": ("original_width_negative", int),
-    "nh": ("original_height_negative", int),
-    "ct": ("crop_top", int),
-    "cl": ("crop_left", int),
-}
-
-
-def parse_prompt_line(line: str, index: int = 0) -> PromptSpec:
-    """Parse `prompt --n negative --w 512 --h 512 --d 1 --l 7.5 --s 28 --am 0.5,1` (options as in sd-scripts).
-
-    An option runs until the next " --". Unknown options are logged and ignored (as sd-scripts does); a bad
-    value raises ValueError naming the option.
-    """
-    parts = line.strip().split(" --")
-    spec = PromptSpec(prompt=parts[0].strip(), index=index)
-    for part in parts[1:]:
-        name, _, value = part.strip().partition(" ")
-        key = name.lower()
-        if key not in PROMPT_OPTIONS:
-            logger.warning("prompt option --%s is not supported and is ignored (prompt: %.60s)", name, spec.prompt)
-            continue
-        attr, convert = PROMPT_OPTIONS[key]
-        value = value.strip()
-        try:
-            setattr(spec, attr, convert(value))
-        except ValueError as e:
-            hint = f" ({e})" if "sampler" in str(e) else ""
-            raise ValueError(f"prompt option --{name}: bad value {value!r} in prompt {spec.prompt[:60]!r}{hint}") from None
-    return spec
-
-
-# keys of sd-scripts' prompt dicts (toml / json prompt files) -> PromptSpec field
-_DICT_KEYS = {
-    "prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "width": ("width", int),
-    "height": ("height", int), "seed": ("seeds", lambda v: [int(v)]), "scale": ("scale", float),
-    "guidance_scale": ("scale", float), "negative_scale": ("negative_scale", _optional_float),
-    "sample_steps": ("steps", _steps), "steps": ("steps", _steps),
-    "sample_sampler": ("sampler", canonical_sampler), "network_multipliers": ("network_muls", list),
-    "original_width": ("original_width", int), "original_height": ("original_height", int),
-    "original_width_negative": ("original_width_negative", int),
-    "original_height_negative": ("original_height_negative", int),
-    "crop_top": ("crop_top", int), "crop_left": ("crop_left", int), "enum": ("index", int),
-}
-
-
-def prompt_from_dict(entry: dict[str, Any], index: int = 0, source: str = "prompt") -> PromptSpec:
-    """A PromptSpec from an sd-scripts prompt dict (`prompt`, `negative_prompt`, `width`, `sample_steps`, ...)."""
-    spec = PromptSpec(prompt="", index=index)
-    for key, value in entry.items():
-        if key == "subset":
-            continue
-        if key not in _DICT_KEYS:
-            raise ValueError(f"{source}: unknown key {key!r}; valid: {', '.join(sorted(_DICT_KEYS))}")
-        attr, convert = _DICT_KEYS[key]
-        try:
-            setattr(spec, attr, convert(value))
-        except (TypeError, ValueError):
-            raise ValueError(f"{source}: bad value {value!r} for {key!r}") from None
-    if spec.network_muls is not None:
-        spec.network_muls = [float(v) for v in spec.network_muls]
-    spec.index = index
-    return spec
-
-
-def read_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
-    """Read a .txt / .toml / .json prompt file into PromptSpecs (`index` = position among the prompts)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path}: no such file")
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".toml":
-        import toml
-
-        try:
-            data = toml.loads(text)
-        except toml.TomlDecodeError as e:
-            raise ValueError(f"prompt file {path}: invalid TOML ({e})") from None
-        base = data.get("prompt")
-        if not isinstance(base, dict) or not isinstance(base.get("subset"), list):
-            raise ValueError(f"prompt file {path}: expected a [prompt] table with [[prompt.subset]] entries")
-        entries: list[Any] = [{**base, **sub} for sub in base["subset"]]
-    elif suffix == ".json":
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"prompt file {path}: invalid JSON ({e})") from None
-        if not isinstance(entries, list):
-            raise ValueError(f"prompt file {path}: expected a JSON list of prompt lines or prompt objects")
-    else:  # .txt and anything else: one prompt a line
-        entries = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    specs = []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, str):
-            specs.append(parse_prompt_line(entry, index=i))
-        elif isinstance(entry, dict):
-            specs.append(prompt_from_dict(entry, index=i, source=f"prompt file {path}, entry {i}"))
-        else:
-            raise ValueError(f"prompt file {path}, entry {i}: expected a string or an object, got {type(entry).__name__}")
-    return specs
 
 
 # ---------------------------------------------------------------------------------------------------- jobs
