@@ -113,11 +113,17 @@ class LoRAModule(torch.nn.Module):
         return out + delta.to(out.dtype)
 
     # ---- weight-space views of the adapter (merge, max-norm) ----
+    def down_weight(self) -> torch.Tensor:
+        return self.lora_down.weight
+
+    def up_weight(self) -> torch.Tensor:
+        return self.lora_up.weight
+
     def delta_weight(self, down: torch.Tensor | None = None, up: torch.Tensor | None = None,
                      scale: float | None = None) -> torch.Tensor:
         """`scale * up @ down` in the shape of the original weight, computed in float32."""
-        down = (self.lora_down.weight if down is None else down).float()
-        up = (self.lora_up.weight if up is None else up).float()
+        down = (self.down_weight() if down is None else down).float()
+        up = (self.up_weight() if up is None else up).float()
         scale = self.scale if scale is None else scale
         org_shape = self.org_module.weight.shape
         delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
@@ -130,8 +136,8 @@ class LoRAModule(torch.nn.Module):
         `sd` holds `lora_down.weight`, `lora_up.weight` and optionally `alpha` (default: this module's own).
         """
         sd = sd or {}
-        down = sd.get("lora_down.weight", self.lora_down.weight)
-        up = sd.get("lora_up.weight", self.lora_up.weight)
+        down = sd.get("lora_down.weight", self.down_weight())
+        up = sd.get("lora_up.weight", self.up_weight())
         scale = float(sd["alpha"]) / down.shape[0] if "alpha" in sd else self.scale
         weight = self.org_module.weight
         device = weight.device if device is None else device
@@ -347,16 +353,16 @@ class LoRANetwork(torch.nn.Module):
         scaled = 0
         with torch.no_grad():
             for lora in self.text_encoder_loras + self.unet_loras:
-                down = lora.lora_down.weight.float().reshape(lora.lora_dim, -1)
-                up = lora.lora_up.weight.float().reshape(-1, lora.lora_dim)
+                down = lora.down_weight().float().reshape(lora.lora_dim, -1)
+                up = lora.up_weight().float().reshape(-1, lora.lora_dim)
                 norm_sq = ((up.T @ up) * (down @ down.T)).sum().clamp(min=0)
                 norm = float(norm_sq.sqrt()) * abs(lora.scale)
                 ratio = 1.0
                 if norm > max_norm_value:
                     ratio = max_norm_value / norm
                     scaled += 1
-                    lora.lora_down.weight.mul_(ratio ** 0.5)
-                    lora.lora_up.weight.mul_(ratio ** 0.5)
+                    for param in lora.parameters():  # down and up each take the square root
+                        param.mul_(ratio ** 0.5)
                 norms.append(norm * ratio)
         if not norms:
             return 0, 0.0, 0.0
