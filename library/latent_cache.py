@@ -40,7 +40,7 @@ def vae_fingerprint(vae: Any) -> str:
     """A short id of the VAE's weights (the first and last encoder layers), stable across fp32/fp16."""
     h = hashlib.sha256()
     params = list(vae.encoder.parameters())
-    for t in (params[0], params[-1], *(list(getattr(vae, "quant_conv", torch.nn.Identity()).parameters())[:1])):
+    for t in (params[0], params[-1]):
         h.update(t.detach().to("cpu", torch.float16).numpy().tobytes())
     h.update(str(getattr(vae.config, "latent_channels", 4)).encode())
     return h.hexdigest()[:16]
@@ -86,7 +86,7 @@ def is_valid(path: str | os.PathLike, bucket_reso: tuple[int, int], flip_aug: bo
             if fingerprint is not None and "vae_fingerprint" in keys and str(npz["vae_fingerprint"]) != fingerprint:
                 return False
             return True
-    except (OSError, ValueError, EOFError, KeyError):  # unreadable / truncated file: recompute
+    except Exception:  # noqa: BLE001 - unreadable / truncated file (zipfile, OSError, ValueError ...): recompute
         return False
 
 
