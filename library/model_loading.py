@@ -41,24 +41,26 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 def load_models(path: str | os.PathLike, *, v2: bool = False, sdxl: bool | None = None,
                 v_parameterization: bool = False, vae: str | os.PathLike | None = None,
                 tokenizer_cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-                device: str | torch.device = "cpu") -> ModelComponents:
+                device: str | torch.device = "cpu", with_tokenizers: bool = True) -> ModelComponents:
     """Load UNet, VAE, text encoder(s) and tokenizer(s) from a single file, a Diffusers folder or a hub id.
 
     `sdxl=None` accepts SD 1.x / SD 2.x (as `v2` says) and SDXL; `sdxl=False` refuses SDXL files (the SD scripts),
     `sdxl=True` requires one. `v2` must match the file. `dtype` defaults to float32. `vae` replaces the VAE.
+    `with_tokenizers=False` skips the tokenizers (`components.tokenizers` is then empty).
     """
     dtype = dtype or torch.float32
     path_str = str(path)
     p = Path(path_str)
+    args = (v2, sdxl, v_parameterization, tokenizer_cache_dir if with_tokenizers else False, dtype, device, vae is None)
     if p.is_file():
-        comps = _load_single_file(p, v2, sdxl, v_parameterization, tokenizer_cache_dir, dtype, device, vae is None)
+        comps = _load_single_file(p, *args)
     elif p.is_dir():
-        comps = _load_diffusers(path_str, v2, sdxl, v_parameterization, tokenizer_cache_dir, dtype, device, vae is None)
+        comps = _load_diffusers(path_str, *args)
     elif _looks_like_path(path_str):
         raise FileNotFoundError(f"{path_str}: no such file or folder (expected a .safetensors/.ckpt file or a "
                                 f"Diffusers folder)")
     else:
-        comps = _load_hub(path_str, v2, sdxl, v_parameterization, tokenizer_cache_dir, dtype, device, vae is None)
+        comps = _load_hub(path_str, *args)
     if vae is not None:
         comps.vae = load_vae(vae, dtype, family=comps.arch, device=device)
     comps.sources = [str(Path(x).resolve()) for x in (path_str, vae) if x is not None and Path(x).exists()]
@@ -120,7 +122,7 @@ def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, to
         layout = lc.infer_layout(shapes, str(path), v_param, family)
         if want_vae and not layout.vae_config:
             raise CheckpointError(f"{path}: holds no VAE ({lc.VAE_PREFIX}*); pass a VAE with --vae")
-        tokenizers = load_tokenizers(family, None, tokenizer_cache_dir)  # fail fast, before reading weights
+        tokenizers = _tokenizers(family, None, tokenizer_cache_dir)  # fail fast, before reading weights
         ema = sum(1 for k in shapes if k.startswith("model_ema."))
         if ema:
             logger.info("%s: ignoring %d model_ema.* tensors (the EMA copy); the model weights are used", path, ema)
@@ -135,6 +137,25 @@ def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, to
     logger.info("loaded %s model from %s", FAMILY_NAMES[family], path)
     return ModelComponents(family, models["unet"], models.get("vae"), tes, tokenizers,
                            v_parameterization=v_param, scheduler_config=_scheduler_config(v_param))
+
+
+def _tokenizers(family: str, folder, tokenizer_cache_dir, hub_model: str | None = None) -> list:
+    if tokenizer_cache_dir is False:  # not wanted
+        return []
+    return load_tokenizers(family, folder, tokenizer_cache_dir, hub_model)
+
+
+def detect_model_family(path: str | os.PathLike) -> str:
+    """sd1 / sd2 / sdxl of a single file or a local Diffusers folder, reading only names and configs."""
+    p = Path(path)
+    if p.is_dir():
+        return _diffusers_family(str(p), local=True)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    from library.tensor_stream import TensorFile
+
+    with TensorFile(p) as reader:
+        return lc.detect_family(reader.keys(), str(p))
 
 
 def _scheduler_config(v_param: bool) -> dict[str, Any]:
@@ -176,8 +197,8 @@ def _load_diffusers(path_or_id: str, v2: bool, sdxl: bool | None, v_param: bool,
 
     family = _diffusers_family(path_or_id, local)
     check_family(family, path_or_id, v2, sdxl)
-    tokenizers = load_tokenizers(family, path_or_id if local else None, tokenizer_cache_dir,
-                                 hub_model=None if local else path_or_id)
+    tokenizers = _tokenizers(family, path_or_id if local else None, tokenizer_cache_dir,
+                             hub_model=None if local else path_or_id)
     sched = _read_json(path_or_id, "scheduler", "scheduler_config.json", local) or {}
     if sched.get("prediction_type") == "v_prediction" and not v_param:
         logger.warning("%s: its scheduler predicts v (v_prediction); loading it as a v-parameterization model "
