@@ -197,3 +197,33 @@ def test_add_dataset_arguments_skips_existing_options():
     args = parser.parse_args(["--resolution", "512,768", "--flip_aug"])
     assert args.train_batch_size == 5 and args.resolution == "512,768" and args.flip_aug
     assert args.caption_extension == ".caption" and args.max_token_length is None and args.bucket_reso_steps == 64
+
+
+def test_docs_worked_example(tmp_path, monkeypatch):
+    """docs/dataset_config.md's worked example: the TOML block builds the dataset with the stated steps."""
+    from pathlib import Path
+
+    from library.dataset_debug import debug_dataset
+    from library.datasets import build_dataset_group
+    from library.sd_configs import make_clip_tokenizer
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "dataset_config.md").read_text(encoding="utf-8")
+    section = doc.split("## Worked example", 1)[1]
+    toml_text = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    make_images(tmp_path / "data" / "frog", 3, size=(512, 512), captions={0: "sls frog, green, on a leaf"},
+                caption_ext=".txt")
+    make_images(tmp_path / "data" / "reg", 5, size=(512, 512), seed=1)
+    write_toml(tmp_path / "frog.toml", toml_text)
+    args = parse("--dataset_config", "frog.toml", "--debug_dataset", "--debug_dataset_dir", "shown")
+    group = build_dataset_group(args, [make_clip_tokenizer("clip")])
+    assert (group.num_train_images, group.num_reg_images, len(group)) == (30, 30, 30)
+    assert [i.num_repeats for i in group.images if i.is_reg] == [6] * 5
+    lines: list[str] = []
+    assert debug_dataset(group, args, max_steps=3, out=lines.append) == 3
+    text = "\n".join(lines)
+    assert "step 1/30  bucket 512x512  batch 2" in text and "batches (steps) per epoch: 30" in text
+    assert "tokens:" in text
+    assert len(list((tmp_path / "shown").glob("*.png"))) == 6
+    captions = [line for line in lines if "caption: 'sls frog, " in line]
+    assert all(line.split("'")[1].startswith("sls frog, ") for line in captions)
