@@ -403,7 +403,11 @@ def sample_images(components, prompts_file: str | os.PathLike | Sequence[PromptS
     """
     from library.image_output import png_metadata, save_png
 
-    specs = read_prompt_file(prompts_file) if isinstance(prompts_file, (str, os.PathLike)) else list(prompts_file)
+    try:
+        specs = read_prompt_file(prompts_file) if isinstance(prompts_file, (str, os.PathLike)) else list(prompts_file)
+    except (FileNotFoundError, ValueError) as e:  # a bad prompt file must not end hours of training
+        logger.error("no sample images at step %d: %s", step, e)
+        return []
     if not specs:
         return []
     device = torch.device(device) if device is not None else _module_device_dtype(components.unet)[0]
@@ -421,13 +425,15 @@ def sample_images(components, prompts_file: str | os.PathLike | Sequence[PromptS
     saved_muls = [getattr(n, "multiplier", None) for n in networks]
     models = [components.unet, components.vae, *components.text_encoders]
     paths = []
-    with preserved_rng_state(), eval_mode(*models, *networks), on_device(models, device):
-        for job, image in generate(components, jobs, device, 1, clip_skip, max_embeddings_multiples,
-                                   networks=networks, network_muls=network_muls or saved_muls,
-                                   autocast_dtype=autocast_dtype):
-            name = sample_image_name(output_name, step, epoch, job.index, job.seed)
-            paths.append(save_png(image, save_dir / name, png_metadata(job)))
-    for net, mul in zip(networks, saved_muls):
-        if mul is not None:
-            net.set_multiplier(mul)
+    try:
+        with preserved_rng_state(), eval_mode(*models, *networks), on_device(models, device):
+            for job, image in generate(components, jobs, device, 1, clip_skip, max_embeddings_multiples,
+                                       networks=networks, network_muls=network_muls or saved_muls,
+                                       autocast_dtype=autocast_dtype):
+                name = sample_image_name(output_name, step, epoch, job.index, job.seed)
+                paths.append(save_png(image, save_dir / name, png_metadata(job)))
+    finally:
+        for net, mul in zip(networks, saved_muls):
+            if mul is not None:
+                net.set_multiplier(mul)
     return paths

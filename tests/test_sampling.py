@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from library import sampling as S
 from tests.conftest import tiny_models
@@ -202,3 +203,33 @@ def test_weighted_and_long_prompts_reach_the_encoder():
     three_b, _ = S.encode_prompts(comps, [long_b], dev, max_embeddings_multiples=3)
     assert torch.equal(one_a, one_b)  # cut at 75 tokens: the differing end is lost
     assert three_a.shape[1] == 2 + 3 * 75 and not torch.allclose(three_a, three_b)
+
+
+def test_sample_images_with_training_network(tmp_path, caplog):
+    from networks.lora import create_network
+
+    comps = tiny_models("sd1")
+    net = create_network(0.7, 4, 4, comps.vae, comps.text_encoder, comps.unet, neuron_dropout=0.5,
+                         module_dropout=0.5)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_up" in name:
+                p.normal_(0, 0.5)
+    net.apply_to(comps.text_encoder, comps.unet)
+    net.train()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat --w 64 --h 64 --s 2 --d 3\na cat --w 64 --h 64 --s 2 --d 3 --am 0\n")
+    first = S.sample_images(comps, prompts, tmp_path, 1, networks=[net])
+    second = S.sample_images(comps, prompts, tmp_path, 2, networks=[net])
+    assert net.multiplier == 0.7 and net.training  # restored
+    assert all(lora.multiplier == 0.7 for lora in net.unet_loras)
+    with_net, off = _pixels(Image.open(p) for p in first)
+    assert np.array_equal(with_net, _pixels([Image.open(second[0])])[0])  # no dropout while sampling
+    net.set_multiplier(0.0)
+    (plain,) = S.sample_images(comps, [S.parse_prompt_line("a cat --w 64 --h 64 --s 2 --d 3")], tmp_path, 3)
+    assert np.array_equal(off, _pixels([Image.open(plain)])[0])
+    assert np.abs(with_net - off).mean() > 1
+
+    with caplog.at_level(logging.ERROR):
+        assert S.sample_images(comps, tmp_path / "missing.txt", tmp_path, 4) == []
+    assert "no sample images at step 4" in caplog.text and "missing.txt" in caplog.text
