@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,6 @@ from library.dataset_config import add_dataset_arguments
 from library.datasets import build_dataset_group
 from library.model_loading import load_vae
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"wide": (90, 40), "tall": (40, 80), "square": (70, 70), "small": (30, 20)}
 
 
@@ -29,7 +25,7 @@ def model(tmp_path_factory) -> Path:
     from tools.make_tiny_model import make_model
 
     out = tmp_path_factory.mktemp("model") / "model.safetensors"
-    make_model("sd1", "tiny", "ldm", out)
+    make_model("sd1", "tiny", "ldm", out)  # also writes model_tokenizers/ beside it
     return out
 
 
@@ -56,16 +52,16 @@ def _run(train: Path, in_json: Path, out_json: Path, model: Path, *extra: str):
          "32", "--mixed_precision", "no", *extra]))
 
 
-def test_guide_example_as_command(data, model: Path, tmp_path: Path):
-    """docs/prepare_buckets_latents.md's example (with a tiny model), run as a user would: bucket table printed."""
+def test_guide_example_as_command(data, model: Path, tmp_path: Path, monkeypatch, capsys):
+    """docs/prepare_buckets_latents.md's example (with a tiny model), as a user types it: bucket table printed."""
     train, in_json = data
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "finetune/prepare_buckets_latents.py"), "--full_path",
-                           "train_data", "meta_clean.json", "meta_lat.json", str(model), "--batch_size", "4",
-                           "--max_resolution", "64,64", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
-                           "--bucket_reso_steps", "32", "--mixed_precision", "no"],
-                          check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert "bucket 0 (32, 96): 1" in done.stdout and "mean ar error:" in done.stdout
+    monkeypatch.chdir(tmp_path)
+    script.main(["--full_path", "train_data", "meta_clean.json", "meta_lat.json", str(model), "--batch_size", "4",
+                 "--max_resolution", "64,64", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
+                 "--bucket_reso_steps", "32", "--mixed_precision", "no"])
+    printed = capsys.readouterr().out
+    assert "bucket 0 (32, 96): 1\nbucket 1 (64, 64): 2\nbucket 2 (96, 32): 1\n" in printed
+    assert "mean ar error:" in printed
     meta = json.loads((tmp_path / "meta_lat.json").read_text(encoding="utf-8"))
     assert meta["/elsewhere/other.png"] == {"caption": "kept"}  # entries of other folders kept
     wide = meta[str((train / "wide.png").resolve())]
@@ -145,3 +141,30 @@ def test_corrupt_image_named(data, model: Path, tmp_path: Path, caplog):
     result = _run(train, in_json, tmp_path / "o.json", model)
     assert [p.name for p, _ in result.failures] == ["broken.png"] and "broken.png" in caplog.text
     assert result.encoded == 4 and not (train / "broken.npz").exists()
+
+
+@pytest.mark.parametrize("data", [False], indirect=True)
+def test_train_network_uses_prepared_caches(data, model: Path, tmp_path: Path, monkeypatch):
+    """The issue's check: train_network.py --in_json with the prepared metadata trains without encoding again."""
+    from library.network_trainer import main as train_main
+
+    train, in_json = data
+    out_json = tmp_path / "meta_lat.json"
+    _run(train, in_json, out_json, model)
+
+    def no_encoding(*a, **k):
+        raise AssertionError("latents were encoded again")
+
+    monkeypatch.setattr(latent_cache, "encode_images", no_encoding)
+    loads = []
+    real_load = latent_cache.load_cached_latents
+    monkeypatch.setattr(latent_cache, "load_cached_latents", lambda info, flip: loads.append(info.npz_path)
+                        or real_load(info, flip))
+    out = tmp_path / "out"
+    train_main(["--pretrained_model_name_or_path", str(model), "--in_json", str(out_json), "--train_data_dir",
+                str(train), "--cache_latents", "--cache_latents_to_disk", "--output_dir", str(out), "--output_name", "lora",
+                "--network_module", "networks.lora", "--network_dim", "4", "--max_train_steps", "2",
+                "--learning_rate", "1e-3", "--seed", "1", "--max_data_loader_n_workers", "0",
+                "--tokenizer_cache_dir", str(model.with_name("model_tokenizers")), "--resolution", "64,64"])
+    assert (out / "lora.safetensors").is_file()
+    assert loads and all(p is not None and p.endswith(".npz") and Path(p).parent == train for p in loads)
