@@ -232,3 +232,43 @@ def test_alpha_mask_batches(tmp_path):
     g = legacy(tmp_path, "--alpha_mask")
     m = g[0]["alpha_masks"]
     assert m.shape == (1, 64, 64) and torch.allclose(m[0, :, :32].mean(), torch.tensor(0.0)) and m[0, :, 40:].min() == 1
+
+
+def test_face_crop_centres_the_face(tmp_path):
+    folder = tmp_path / "train" / "1_x"
+    folder.mkdir(parents=True)
+    ramp = np.zeros((200, 200, 3), np.uint8)
+    ramp[..., 0] = (np.arange(200) * 255 // 199)[None, :]  # red = x
+    ramp[..., 1] = (np.arange(200) * 255 // 199)[:, None]  # green = y
+    Image.fromarray(ramp).save(folder / "face_100_60_40_40.png")
+    (folder / "face.caption").write_text("a face")  # caption of the name without the face numbers
+    g = legacy(tmp_path, "--face_crop_aug_range", "2.0,2.0")
+    b = g[0]
+    assert b["captions"] == ["a face"]
+    img = ((b["images"][0].permute(1, 2, 0) + 1) * 127.5).numpy()
+    # face 40 px, short side 64: scale 64 / (40 * 2) = 0.8 -> 160x160, face centre (80, 48);
+    # crop left 80 - 32 = 48, top 48 - 32 = 16 (scaled), i.e. original x 60..140, y 20..100
+    assert abs(img[0, 0, 0] - 60 * 255 / 199) < 4 and abs(img[0, 0, 1] - 20 * 255 / 199) < 4
+    assert abs(img[63, 63, 0] - 139 * 255 / 199) < 4 and abs(img[63, 63, 1] - 99 * 255 / 199) < 4
+
+
+def test_several_datasets_add_their_steps(tmp_path):
+    make_images(tmp_path / "a", 3)
+    make_images(tmp_path / "b", 4, size=(128, 128))
+    toml = write_toml(tmp_path / "two.toml", f"""
+[[datasets]]
+resolution = 64
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "a"}'
+  num_repeats = 3
+[[datasets]]
+resolution = 128
+batch_size = 4
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "b"}'
+""")
+    g = build_dataset_group(parse("--dataset_config", toml), None)
+    assert len(g) == 5 + 1  # ceil(9 / 2) + ceil(4 / 4)
+    sizes = Counter(tuple(g[i]["images"].shape) for i in range(len(g)))
+    assert sizes == {(2, 3, 64, 64): 4, (1, 3, 64, 64): 1, (4, 3, 128, 128): 1}
