@@ -138,6 +138,8 @@ def validate_args(args: argparse.Namespace, sdxl: bool) -> None:
             raise ValueError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     if not 1 <= args.max_embeddings_multiples <= 3:
         raise ValueError(f"--max_embeddings_multiples {args.max_embeddings_multiples}: expected 1, 2 or 3")
+    if sdxl and args.clip_skip:
+        logger.warning("--clip_skip has no effect on SDXL (it always uses the penultimate layers)")
     if args.W % 8 or args.H % 8:
         logger.warning("--W/--H %dx%d: rounded down to multiples of 8", args.W, args.H)
     _validate_networks(args)

@@ -232,8 +232,11 @@ def denoise_batch(components, jobs: Sequence[ImageJob], device: torch.device | s
         texts = [j.negative_prompt for j in jobs] + texts
         if first.negative_scale is not None:
             texts += [""] * len(jobs)  # the true unconditional of sd-scripts' negative_scale
-    context, pooled = encode_prompts(components, texts, device, clip_skip, max_embeddings_multiples)
-    context = context.to(device, dtype)
+    unique = list(dict.fromkeys(texts))  # images of one prompt share their encoding
+    context, pooled = encode_prompts(components, unique, device, clip_skip, max_embeddings_multiples)
+    which = torch.tensor([unique.index(t) for t in texts], device=context.device)
+    context = context[which].to(device, dtype)
+    pooled = pooled[which.to(pooled.device)] if pooled is not None else None
     n_cond = len(texts) // len(jobs)
     added = None
     if components.is_sdxl:
