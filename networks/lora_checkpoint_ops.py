@@ -11,6 +11,7 @@ Neither builds the models. The LoRA module names come from `networks.lora_names.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,11 +24,12 @@ from tqdm import tqdm
 
 from library import ldm_convert as lc
 from library.file_io import CheckpointError, atomic_path
-from library.model_loading import check_family, empty_models_for_layout
+from library.model_loading import check_family
+from library.sd_configs import build_text_encoder
 from library.tensor_stream import SafetensorsWriter, TensorFile
 from networks.lora_math import (ALPHA, DOWN, FAMILY_NAMES, UP, LoRAFile, check_same_family, dims_metadata,
                                 factorize, fit_to_weight, open_loras, source_record)
-from networks.lora_names import LoRANameResolver, LoRATarget, lora_targets
+from networks.lora_names import LoRANameResolver, lora_targets
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +38,18 @@ COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2"
 
 @dataclass(frozen=True)
 class PlacedTarget:
-    """A LoRA target and where its weight lives in the single file."""
+    """A LoRA target (as `lora_names` defines it) and where its weight lives in the single file."""
 
-    target: LoRATarget
-    param: lc.LdmParam
+    name: str
+    component: str  # unet / te / te1 / te2
+    path: str  # module path inside its component
+    kind: str  # linear / conv1x1 / conv3x3
     weight_shape: tuple[int, ...]  # the diffusers weight's shape (what a LoRA delta is shaped like)
+    param: lc.LdmParam
+
+    @property
+    def is_unet(self) -> bool:
+        return self.component == "unet"
 
 
 def read_shapes(f: TensorFile) -> dict[str, tuple[int, ...]]:
@@ -55,27 +64,82 @@ def checkpoint_layout(f: TensorFile, family: str, v_parameterization: bool = Fal
     return lc.infer_layout(shapes, str(f.path), v_parameterization, found)
 
 
+def _meta_models(layout: lc.LdmLayout):
+    """UNet and text encoders of the layout on the meta device (names and shapes only, no memory).
+
+    Like `library.model_loading.empty_models_for_layout` without the VAE, importing only the UNet module of
+    diffusers: `from diffusers import ...` loads every model class, seconds of start-up these tools do not need.
+    """
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**layout.unet_config)
+        tes = [build_text_encoder(cfg) for cfg in layout.text_encoder_configs]
+    return unet, tes
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("SD_LORA_SUITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sd-lora-suite")
+    return Path(base) / "lora_targets"
+
+
+def _table_key(layout: lc.LdmLayout) -> str:
+    """Hash of the model configs and of the code that names targets (a change there invalidates the cache)."""
+    from networks import lora_names
+    from library import unet_layout
+
+    h = hashlib.sha256(json.dumps([layout.unet_config, layout.text_encoder_configs, layout.is_sdxl],
+                                  sort_keys=True, default=str).encode())
+    for module in (lora_names, unet_layout):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def target_table(layout: lc.LdmLayout) -> dict:
+    """{"targets": [[name, component, path, kind, weight shape, c3lier_only], ...], "aliases": {alias: name}}.
+
+    Computed from `lora_names` on meta-device models and cached on disk per configuration, so repeated runs
+    of the tools skip importing diffusers (several seconds).
+    """
+    cache = _cache_dir() / f"{_table_key(layout)}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    unet, tes = _meta_models(layout)
+    resolver = LoRANameResolver(tes, unet, sdxl=layout.is_sdxl)
+    lierla = lora_targets(tes, unet, sdxl=layout.is_sdxl, include_conv3x3=False)
+    table = {"targets": [[n, t.component, t.path, t.kind, list(t.module.weight.shape), n not in lierla]
+                         for n, t in resolver.targets.items()],
+             "aliases": dict(resolver.aliases)}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            Path(tmp).write_text(json.dumps(table))
+    except OSError as e:
+        logger.debug("cannot cache LoRA target table in %s: %s", cache, e)
+    return table
+
+
 def placed_targets(layout: lc.LdmLayout, include_conv3x3: bool = True,
                    aliases: bool = False) -> dict[str, PlacedTarget]:
     """{lora name: PlacedTarget} of every LoRA target of the layout (text encoders first, then the UNet).
 
-    `aliases` adds the other spellings `LoRANameResolver` accepts (SDXL names in the diffusers layout, SD names
-    in the original layout), mapped to the same targets, for reading files written by other trainers.
+    `include_conv3x3` selects the LoRA-C3Lier set (else LoRA-LierLa). `aliases` adds the other spellings
+    `LoRANameResolver` accepts (SDXL names in the diffusers layout, SD names in the original layout), mapped
+    to the same targets, for reading files written by other trainers.
     """
-    models = empty_models_for_layout(layout, with_vae=False)
-    tes = [models[n] for n in lc.TE_COMPONENTS[: len(layout.text_encoder_configs)]]
-    if aliases:
-        resolver = LoRANameResolver(tes, models["unet"], sdxl=layout.is_sdxl)
-        targets, alias_names = resolver.targets, resolver.aliases
-    else:
-        targets = lora_targets(tes, models["unet"], sdxl=layout.is_sdxl, include_conv3x3=include_conv3x3)
-        alias_names = {}
+    table = target_table(layout)
     placed: dict[str, PlacedTarget] = {}
-    for name, target in targets.items():
-        param = lc.ldm_param_for(COMPONENTS[target.component], target.path + ".weight", layout)
-        placed[name] = PlacedTarget(target, param, tuple(target.module.weight.shape))
-    for alias, canonical in alias_names.items():
-        placed[alias] = placed[canonical]
+    for name, component, path, kind, shape, c3lier_only in table["targets"]:
+        if c3lier_only and not include_conv3x3:
+            continue
+        param = lc.ldm_param_for(COMPONENTS[component], path + ".weight", layout)
+        placed[name] = PlacedTarget(name, component, path, kind, tuple(shape), param)
+    if aliases:
+        for alias, canonical in table["aliases"].items():
+            if canonical in placed:
+                placed[alias] = placed[canonical]
     return placed
 
 
@@ -181,10 +245,10 @@ def extract_lora(model_org: str | os.PathLike, model_tuned: str | os.PathLike, f
         cache: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
         for name, p in tqdm(placed.items(), desc="extracting", unit="module"):
             diff = _difference(org, tuned, p, options, cache)
-            if not p.target.is_unet:
-                te_max_diff[p.target.component] = max(te_max_diff.get(p.target.component, 0.0),
+            if not p.is_unet:
+                te_max_diff[p.component] = max(te_max_diff.get(p.component, 0.0),
                                                       float(diff.abs().max()) if diff.numel() else 0.0)
-            rank = options.conv_dim if p.target.kind == "conv3x3" else options.dim
+            rank = options.conv_dim if p.kind == "conv3x3" else options.dim
             fact = factorize(p.weight_shape, rank, delta=diff, solver=options.solver)
             up, down = _clamp(fact.up, fact.down, options.clamp_quantile)
             out[name + DOWN], out[name + UP] = down.cpu().contiguous(), up.cpu().contiguous()

@@ -190,3 +190,18 @@ def test_argument_errors(tmp_path):
     with pytest.raises(SystemExit, match="LyCORIS.*not a kohya LoRA key"):
         merge_lora.main(["--save_to", str(tmp_path / "o.safetensors"), "--models", bad])
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_target_table_is_cached_and_equal_to_a_fresh_one(tmp_path, monkeypatch):
+    from library import ldm_convert as lc
+    from networks import lora_checkpoint_ops as ops
+
+    monkeypatch.setenv("SD_LORA_SUITE_CACHE", str(tmp_path))
+    with TensorFile(tiny_model_path("sdxl")) as f:
+        layout = lc.infer_layout(ops.read_shapes(f))
+    fresh = ops.placed_targets(layout, aliases=True)
+    assert len(list((tmp_path / "lora_targets").glob("*.json"))) == 1
+    monkeypatch.setattr(ops, "_meta_models", lambda layout: pytest.fail("cache not used"))
+    assert ops.placed_targets(layout, aliases=True) == fresh
+    lierla = ops.placed_targets(layout, include_conv3x3=False)
+    assert set(lierla) < set(fresh) and not any(p.kind == "conv3x3" for p in lierla.values())
