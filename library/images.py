@@ -54,16 +54,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _error(path: str | os.PathLike, e: Exception) -> ImageError:
+    if isinstance(e, FileNotFoundError):
+        return ImageError(f"{path}: image file not found")
+    return ImageError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
+                      f"replace or remove the file (supported: {' '.join(IMAGE_EXTENSIONS)})")
+
+
 def _open(path: str | os.PathLike) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
         return ImageOps.exif_transpose(img)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: image file not found") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... on bad files
-        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
-                         f"replace or remove the file (supported: {' '.join(IMAGE_EXTENSIONS)})") from None
+        raise _error(path, e) from None
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -82,8 +86,18 @@ def load_image_with_alpha(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
 
 
 def _check_one(path: str) -> tuple[int, int]:
-    with _open(path) as img:
-        return img.size
+    """Upright (w, h) of an image after decoding all of its data (JPEGs at 1/8 scale: same check, faster)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+                w, h = h, w
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+            img.load()
+        return w, h
+    except Exception as e:  # noqa: BLE001 - see _open
+        raise _error(path, e) from None
 
 
 def read_image_sizes(paths: Iterable[str], workers: int = 4, progress: bool = True) -> list[tuple[int, int]]:

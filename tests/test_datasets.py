@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from library.datasets import build_dataset_group, make_data_loader
-from library.images import ImageError, load_image
+from library.images import ImageError, load_image, read_image_sizes
 from library.sd_configs import make_clip_tokenizer
 from tests.data_helpers import make_images, parse, write_toml
 
@@ -218,6 +218,13 @@ def test_image_formats(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     img.save(tmp_path / "r.jpg", exif=exif)
     assert load_image(tmp_path / "r.jpg").shape == (30, 10, 3)
+    assert read_image_sizes([str(tmp_path / "r.jpg")]) == [(10, 30)]  # bucketing sees the upright size
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    big.save(tmp_path / "big.jpg")
+    data = (tmp_path / "big.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cut.jpg: cannot read image .*truncated"):
+        read_image_sizes([str(tmp_path / "cut.jpg")])
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "b.bmp")
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "w.webp")
     assert load_image(tmp_path / "b.bmp").shape == load_image(tmp_path / "w.webp").shape == (5, 5, 3)
