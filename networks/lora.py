@@ -10,7 +10,6 @@ delta into the weights instead. Names of modules and keys come from `networks.lo
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ import torch
 
 from library.file_io import CheckpointError, load_state_dict, save_state_dict
 from networks import lora_blocks
-from networks.lora_names import (LoRANameResolver, LoRATarget, as_text_encoder_list, guess_file_family, is_sdxl_unet,
+from networks.lora_names import (LoRANameResolver, LoRATarget, guess_file_family, is_sdxl_unet,
                                  lora_names_in, lora_targets, split_key)
 
 logger = logging.getLogger(__name__)
@@ -534,7 +533,3 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         network.set_block_lr_weight(lr_args.block_lr_weights)
     return network, sd
 
-
-def lora_file_targets(text_encoders, unet) -> dict[str, LoRATarget]:
-    """All layers a LoRA file may name for these models (the C3Lier set), for tools that work on files."""
-    return lora_targets(as_text_encoder_list(text_encoders), unet, include_conv3x3=True)

@@ -3,11 +3,13 @@ conversion + peft) gives the same UNet and text-encoder outputs as our `apply_to
 example of the LoRA guide (docs/lora.md) runs as written on a tiny pipeline."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from networks import lora
-from networks.lora import LoRAModule, create_network_from_weights  # noqa: F401  (the example's imports)
+from networks.lora import create_network_from_weights
 from tests.conftest import tiny_models
 from tests.lora_helpers import outputs, randomize
 
@@ -50,48 +52,55 @@ def test_saved_file_loads_in_diffusers_with_same_outputs(arch, conv_dim, tmp_pat
         torch.testing.assert_close(t, o, atol=2e-5, rtol=1e-4)
 
 
-def test_lora_guide_diffusers_pipeline_example(tmp_path):
-    """The guide's example (three stacked networks at 0.5 / 0.7 / 0.5, then set_multiplier, or merge_to)."""
+def guide_example() -> str:
+    """The Python block of docs/lora.md's "Generating with a Diffusers pipeline" section."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "lora.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("## Generating with a Diffusers pipeline"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_lora_guide_diffusers_pipeline_example(tmp_path, monkeypatch):
+    """docs/lora.md's example, run on a tiny SD1 pipeline: three stacked networks (0.5 / 0.7 / 0.5 in fp16),
+    generation, set_multiplier; and the merge_to variant gives the same model."""
     from safetensors.torch import load_file
 
-    files = []
+    monkeypatch.chdir(tmp_path)
     for i, dim in enumerate((4, 2, 8)):
         m = tiny_models("sd1")
         net = lora.create_network(1.0, dim, dim / 2, None, m.text_encoder, m.unet, conv_dim=2 if i == 2 else None)
         randomize(net, 0.05, seed=i)
-        path = tmp_path / f"lora{i + 1}.safetensors"
-        net.save_weights(str(path), torch.float16, {})
-        files.append(path)
+        net.save_weights(f"lora{i + 1}.safetensors", torch.float16, {})
 
-    device = "cpu"
-    pipe = make_pipeline(tiny_models("sd1"))
-    pipe = pipe.to(device)
-    vae, text_encoder, unet = pipe.vae, pipe.text_encoder, pipe.unet
-    base = outputs_of(pipe)
+    code = guide_example()
+    replacements = {
+        "pipe = StableDiffusionPipeline.from_pretrained(model_id_or_dir, torch_dtype=dtype)": "pipe = make_pipeline()",
+        'device = "cuda"': 'device = "cpu"',
+        "pipe(prompt, ": "pipe(prompt, num_inference_steps=2, height=64, width=64, ",
+    }
+    for old, new in replacements.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    base_pipe = make_pipeline(tiny_models("sd1"))
+    base = outputs_of(base_pipe)
+    namespace = {"make_pipeline": lambda: base_pipe}
+    exec(compile(code, "docs/lora.md", "exec"), namespace)  # noqa: S102 - our own documentation
 
-    networks = []
-    for path, multiplier in zip(files, (0.5, 0.7, 0.5)):
-        sd = load_file(str(path))
-        network, sd = create_network_from_weights(multiplier, None, vae, text_encoder, unet, sd)
-        network.apply_to(text_encoder, unet)
-        network.load_state_dict(sd)
-        network.to(device, dtype=torch.float16)
-        networks.append(network)
-    image = pipe("a cat", num_inference_steps=2, guidance_scale=7.5, negative_prompt="bad", height=64, width=64,
-                 output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.shape == (64, 64, 3) and float(abs(image).sum()) > 0
-    stacked = outputs_of(pipe)
+    networks = namespace["networks"]
+    assert [n.multiplier for n in networks] == [0.8, 0.7, 0.5]
+    assert (tmp_path / "by_diffusers.png").exists() and (tmp_path / "by_diffusers_2.png").exists()
+    assert all(p.dtype == torch.float16 for n in networks for p in n.parameters())
+    networks[0].set_multiplier(0.5)
+    stacked = outputs_of(base_pipe)
     assert not torch.allclose(stacked[0], base[0], atol=1e-3)
-
-    networks[0].set_multiplier(0.0)
-    networks[1].set_multiplier(0.0)
-    networks[2].set_multiplier(0.0)
-    torch.testing.assert_close(outputs_of(pipe)[0], base[0], atol=1e-6, rtol=0)
+    for n in networks:
+        n.set_multiplier(0.0)
+    torch.testing.assert_close(outputs_of(base_pipe)[0], base[0], atol=1e-6, rtol=0)
 
     # the merge variant: the same three networks folded into a fresh copy of the weights
     pipe2 = make_pipeline(tiny_models("sd1"))
-    for path, multiplier in zip(files, (0.5, 0.7, 0.5)):
-        sd = load_file(str(path))
+    for i, multiplier in enumerate((0.5, 0.7, 0.5)):
+        sd = load_file(f"lora{i + 1}.safetensors")
         network, sd = create_network_from_weights(multiplier, None, pipe2.vae, pipe2.text_encoder, pipe2.unet, sd)
         network.merge_to(pipe2.text_encoder, pipe2.unet, sd)
     for a, b in zip(outputs_of(pipe2), stacked):
