@@ -124,6 +124,8 @@ def validate_args(args: argparse.Namespace, sdxl: bool) -> None:
                 raise ValueError(f"--{name} ({feature}) is not supported by this generation script")
     if args.fp16 and args.bf16:
         raise ValueError("--fp16 and --bf16 are exclusive; choose one")
+    if args.device:
+        _check_device(args.device)
     ckpt = Path(args.ckpt)
     if not ckpt.exists() and not _HUB_ID.match(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or folder")
@@ -167,6 +169,17 @@ def _validate_networks(args: argparse.Namespace) -> None:
         for item in filter(None, arg.split(";")):
             if "=" not in item:
                 raise ValueError(f"--network_args {arg!r}: expected key=value pairs separated by ';'")
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _check_xformers(device: str | None) -> None:
@@ -384,5 +397,5 @@ def main(argv: Sequence[str] | None = None, sdxl: bool = False) -> None:
     args = build_parser(sdxl).parse_args(argv)
     try:
         run(args, sdxl)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, missing files, unreachable hub: one line, no traceback
         raise SystemExit(f"error: {e}") from None

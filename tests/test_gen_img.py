@@ -147,6 +147,7 @@ def test_interactive_reads_stdin(tmp_path, monkeypatch):
      "--network_module: give one module for all networks or one per --network_weights"),
     (["--max_embeddings_multiples", "5"], "--max_embeddings_multiples 5: expected 1, 2 or 3"),
     (["--xformers"], "--xformers"),
+    (["--device", "gpu0"], "--device gpu0: not a torch device"),
 ])
 def test_errors_before_loading(tmp_path, capsys, extra, message):
     if extra == ["--xformers"] and torch.cuda.is_available():
