@@ -7,6 +7,7 @@ encoders are dropped once their outputs are cached and nothing else needs them, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import logging
@@ -246,8 +247,10 @@ class NetworkTrainer:
         from library.datasets import make_data_loader
 
         self.dataset.set_epoch(epoch + 1)
-        return make_data_loader(self.dataset, self.args.max_data_loader_n_workers,
-                                self.args.persistent_data_loader_workers, skip_batches=skip)
+        loader = make_data_loader(self.dataset, self.args.max_data_loader_n_workers,
+                                  self.args.persistent_data_loader_workers, skip_batches=skip)
+        with torch.random.fork_rng(devices=[]):  # the iterator draws a seed: keep the training stream unchanged
+            return iter(loader)
 
     # ------------------------------------------------------------------ loss
     def conditioning(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -361,15 +364,23 @@ class NetworkTrainer:
                 return
 
     def step(self, batch: dict[str, Any], progress: train_state.Progress) -> bool:
+        """Forward and backward one batch; step the optimizer at the end of an accumulation group or epoch."""
         args = self.args
-        with self.accelerator.accumulate(self.network):
+        position = progress.batches_in_epoch + 1
+        sync = position % args.gradient_accumulation_steps == 0 or position == len(self.dataset)
+        self.accelerator.gradient_state._set_sync_gradients(sync)  # as accumulate() does, but epochs end groups
+        net = self.accelerator.unwrap_model(self.network)
+        if hasattr(net, "on_step_start"):
+            net.on_step_start(self.components.text_encoder, self.components.unet)
+        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.network):
             loss = self.loss(batch)
             if not torch.isfinite(loss):
                 raise TrainingStopped(f"loss is {loss.item()} at step {progress.global_step + 1} (epoch "
                                       f"{progress.epoch + 1}); stopped without saving. Last good save: "
                                       f"{self.last_save or 'none'}")
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and args.max_grad_norm:
+            self.accelerator.backward(loss)  # divides by gradient_accumulation_steps
+        if sync:
+            if args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -377,7 +388,7 @@ class NetworkTrainer:
         self.loss_window.append(loss.item())
         if len(self.loss_window) > len(self.dataset):
             self.loss_window.popleft()
-        return self.accelerator.sync_gradients
+        return sync
 
     def after_step(self, progress: train_state.Progress) -> None:
         args = self.args

@@ -1,0 +1,91 @@
+"""train_network.py options on a tiny SD1 model: each runs and changes what it should; saves, samples, logs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from library.file_io import load_state_dict, read_metadata
+from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return solid_dataset(tmp_path_factory.mktemp("data"), repeats=4)
+
+
+def test_epoch_saves_pruning_state_samples_and_logs(model, tmp_path):
+    data = solid_dataset(tmp_path / "d", colours=((200, 0, 0), (0, 0, 200)), caption="sks")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\nsks --w 64 --h 64 --d 3 --s 2\nsks blue --w 64 --h 64 --d 4 --s 2 --l 5\n")
+    out = tmp_path / "out"
+    trainer = train(base_args(model, data, out, "--max_train_epochs", "3", "--save_every_n_epochs", "1",
+                              "--save_last_n_epochs", "1", "--save_state", "--sample_prompts", str(prompts),
+                              "--sample_every_n_epochs", "2", "--sample_at_first", "--sample_sampler", "euler",
+                              "--logging_dir", str(tmp_path / "logs"), "--log_prefix", "run_",
+                              "--optimizer_type", "Prodigy", "--learning_rate", "1.0"))
+    names = sorted(os.listdir(out))
+    assert "lora.safetensors" in names and "lora-000002.safetensors" in names
+    assert "lora-000001.safetensors" not in names  # --save_last_n_epochs 1
+    assert {"lora-000001-state", "lora-000002-state", "lora-state"} <= set(names)
+    assert not [n for n in names if n.startswith(".")]  # no temporary leftovers
+    samples = sorted(os.listdir(out / "sample"))
+    assert len(samples) == 4 and sum(n.startswith("lora_000000_") for n in samples) == 2
+    assert sum(n.startswith("lora_e000002_") for n in samples) == 2
+    assert read_metadata(out / "lora-000002.safetensors")["ss_epoch"] == "2"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dirs = [d for d in (tmp_path / "logs").iterdir() if d.name.startswith("run_")]
+    events = [str(p) for p in run_dirs[0].rglob("events.out.tfevents*")]
+    acc = EventAccumulator(os.path.dirname(events[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "lr/textencoder", "lr/unet", "lr/d*lr/unet"} <= tags
+    assert len(acc.Scalars("loss/current")) == 6
+
+
+@pytest.mark.parametrize("extra, check", [
+    (["--network_train_text_encoder_only"], "te_only"),
+    (["--network_train_unet_only", "--v_parameterization"], "v"),
+    (["--clip_skip", "2", "--max_token_length", "225"], "clip"),
+    (["--min_snr_gamma", "5"], "snr"),
+    (["--noise_offset", "0.1", "--adaptive_noise_scale", "0.01", "--multires_noise_iterations", "3"], "noise"),
+    (["--gradient_checkpointing", "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16",
+      "--save_precision", "fp16", "--no_metadata"], "ckpt"),
+])
+def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, extra, check):
+    out = tmp_path / "out"
+    steps = ["--max_train_steps", "2"]
+    trainer = train(base_args(model, dataset, out, *steps, *extra))
+    assert len(trainer.step_losses) == 2 and all(torch.isfinite(torch.tensor(trainer.step_losses)))
+    sd = load_state_dict(out / "lora.safetensors")
+    meta = read_metadata(out / "lora.safetensors")
+    ups = {k: v for k, v in sd.items() if k.endswith("lora_up.weight")}
+    if check == "te_only":
+        assert sd and all(k.startswith("lora_te_") for k in sd)
+        assert any(v.abs().sum() > 0 for v in ups.values())  # trained from the zero init
+    elif check == "v":
+        assert all(k.startswith("lora_unet_") for k in sd)
+        assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+        assert meta["ss_v_parameterization"] == "True"
+    elif check == "clip":
+        trainer.dataset.set_epoch(1)
+        hidden, _ = trainer.conditioning(trainer.dataset[0])
+        assert hidden.shape[1] == 227 and meta["ss_clip_skip"] == "2" and meta["ss_max_token_length"] == "225"
+    elif check == "snr":
+        assert meta["ss_min_snr_gamma"] == "5.0"
+    elif check == "noise":
+        assert meta["ss_noise_offset"] == "0.1" and meta["ss_multires_noise_iterations"] == "3"
+    else:
+        assert len(trainer.step_losses) == 2 and trainer.progress.global_step == 2
+        assert trainer.steps_per_epoch == 2 and trainer.progress.epoch == 1  # 4 batches, 2 per optimizer step
+        assert meta == {} or all(not k.startswith("ss_") for k in meta)
+        assert next(iter(sd.values())).dtype == torch.float16
+
+

@@ -1,0 +1,53 @@
+"""--save_state / --resume continue exactly: same losses, step counter, learning rate and weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from library.file_io import load_state_dict
+from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = solid_dataset(root, colours=((200, 0, 0), (0, 200, 0), (0, 0, 200)), caption=["sks red", "sks green",
+                                                                                          "sks blue"])
+    return tiny_model_dir(), data, root
+
+
+_ARGS = ("--max_train_steps", "7", "--save_state", "--lr_scheduler", "cosine_with_restarts",
+         "--lr_scheduler_num_cycles", "2", "--lr_warmup_steps", "2", "--network_dropout", "0.1",
+         "--noise_offset", "0.05")
+
+
+def test_resume_from_epoch_and_mid_epoch_states_matches_uninterrupted_run(setup, tmp_path):
+    model, data, _ = setup
+    full = train(base_args(model, data, tmp_path / "full", *_ARGS, "--save_every_n_epochs", "1",
+                           "--save_every_n_steps", "2"))
+    assert len(full.step_losses) == 7
+    final = load_state_dict(tmp_path / "full" / "lora.safetensors")
+    full_lr = full.optimizer.param_groups[0]["lr"]
+
+    for state, done in (("lora-000001-state", 3), ("lora-step00000004-state", 4)):
+        progress = json.loads((tmp_path / "full" / state / "progress.json").read_text())
+        assert progress["global_step"] == done
+        resumed = train(base_args(model, data, tmp_path / f"resumed{done}", *_ARGS,
+                                  "--resume", str(tmp_path / "full" / state)))
+        assert resumed.progress.global_step == 7
+        assert resumed.step_losses == pytest.approx(full.step_losses[done:], rel=1e-6, abs=1e-7)
+        assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(full_lr)
+        weights = load_state_dict(tmp_path / f"resumed{done}" / "lora.safetensors")
+        for key, value in final.items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_rejects_a_different_network(setup, tmp_path):
+    model, data, _ = setup
+    train(base_args(model, data, tmp_path / "a", "--max_train_steps", "3", "--save_state",
+                    "--save_every_n_steps", "1"))
+    with pytest.raises(ValueError, match="does not match this network"):
+        train(base_args(model, data, tmp_path / "b", "--max_train_steps", "3", "--network_train_unet_only",
+                        "--resume", str(tmp_path / "a" / "lora-step00000001-state")))
