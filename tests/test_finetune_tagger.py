@@ -95,3 +95,20 @@ def test_select_tags_order_options(tmp_path: Path):
     opts = TagOptions(character_tags_first=True, use_rating_tags_as_last_tag=True, always_first_tags=["1girl"],
                       remove_underscore=True)
     assert select_tags(probs, table, opts) == ["1girl", "hatsune miku", "red theme", "^_^", "sensitive"]
+
+
+def test_preprocess_matches_pad_then_resize():
+    """Resizing before padding (faster) gives the tagger the same picture as kohya's pad-then-resize."""
+    import cv2
+
+    from library.dataprep.wd14_tagger import preprocess
+
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8), (0, 0), 3)
+    pad = (500 - 300) // 2
+    square = np.pad(image[:, :, ::-1], ((pad, 500 - 300 - pad), (0, 0), (0, 0)), constant_values=255)
+    reference = cv2.resize(square, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32)
+    got = preprocess(image, 64)
+    assert got.shape == (64, 64, 3) and got.dtype == np.float32
+    assert np.abs(got - reference).mean() < 3.0
+    assert (got[0] == 255).all() and (got[-1] == 255).all()  # white bars above and below

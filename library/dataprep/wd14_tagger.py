@@ -123,17 +123,20 @@ def select_tags(probs: np.ndarray, table: TagTable, opts: TagOptions) -> list[st
 
 
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> (size, size, 3) float32 BGR, padded to a white square, resized to `size`."""
+    """RGB uint8 (H, W, 3) -> (size, size, 3) float32 BGR: the image padded with white to a centred square of
+    `size` (as the tagger was trained). Resizing before padding gives the same picture as padding first, at a
+    fraction of the cost for large images."""
     import cv2
 
-    arr = image[:, :, ::-1]
-    side = max(arr.shape[:2])
-    pad_y, pad_x = side - arr.shape[0], side - arr.shape[1]
-    arr = np.pad(arr, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)),
-                 constant_values=255)
-    if side != size:
-        arr = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_CUBIC)
-    return arr.astype(np.float32)
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    new_w, new_h = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    if (new_w, new_h) != (w, h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    out = np.full((size, size, 3), 255, np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top:top + new_h, left:left + new_w] = image[:, :, ::-1]
+    return out.astype(np.float32)
 
 
 class OnnxTagger:
