@@ -27,11 +27,11 @@ CHUNK_LEN = CHUNK + 2  # with BOS and the closing token
 
 
 def chunk_count(max_token_length: int | None) -> int:
-    """75 -> 1, 150 -> 2, 225 -> 3 (None -> 1)."""
+    """75 -> 1, 150 -> 2, 225 -> 3 (None -> 1). Training allows 75/150/225; prompts may use more chunks."""
     if max_token_length is None:
         return 1
-    if max_token_length not in (75, 150, 225):
-        raise ValueError(f"--max_token_length {max_token_length}: expected 75, 150 or 225")
+    if max_token_length <= 0 or max_token_length % CHUNK:
+        raise ValueError(f"max_token_length {max_token_length}: expected a multiple of 75 (75, 150 or 225 for training)")
     return max_token_length // CHUNK
 
 
@@ -113,8 +113,17 @@ def join_chunks(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([chunks[:, 0, :1], inner, chunks[:, -1, -1:]], dim=1)
 
 
+def _unwrap(te: Any) -> Any:
+    """The model inside a DDP / compiled wrapper (for attribute access; the wrapper is still called)."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(te, attr) and isinstance(getattr(te, attr), torch.nn.Module):
+            te = getattr(te, attr)
+    return te
+
+
 def _text_model(te: Any) -> Any:
     """transformers 5 flattens CLIPTextModel (no .text_model); CLIPTextModelWithProjection keeps it."""
+    te = _unwrap(te)
     return getattr(te, "text_model", te)
 
 
@@ -137,7 +146,8 @@ def _pooled_sdxl(te2: Any, out: Any, ids: torch.Tensor, eos_id: int, n_chunks: i
     flat_ids = ids.reshape(-1, CHUNK_LEN).to(last.device)
     eos_pos = (flat_ids == eos_id).int().argmax(dim=-1)
     pooled = last[torch.arange(last.shape[0], device=last.device), eos_pos]
-    return te2.text_projection(pooled.to(te2.text_projection.weight.dtype))[::n_chunks]
+    projection = _unwrap(te2).text_projection
+    return projection(pooled.to(projection.weight.dtype))[::n_chunks]
 
 
 def encode_tokens(text_encoders: Any, input_ids: Any, clip_skip: int | None = None, sdxl: bool = False,

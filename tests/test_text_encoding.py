@@ -26,8 +26,8 @@ def words(n: int) -> str:
 
 
 def test_chunk_count():
-    assert [chunk_count(x) for x in (None, 75, 150, 225)] == [1, 1, 2, 3]
-    with pytest.raises(ValueError, match="75, 150 or 225"):
+    assert [chunk_count(x) for x in (None, 75, 150, 225, 375)] == [1, 1, 2, 3, 5]  # > 225: generation prompts
+    with pytest.raises(ValueError, match="expected a multiple of 75"):
         chunk_count(100)
 
 
