@@ -16,6 +16,7 @@ from 1, as in the original (`caption_dropout_every_n_epochs` drops at epochs n, 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import multiprocessing
@@ -30,6 +31,7 @@ import torch
 from library.buckets import BucketManager, Crop, Reso, cover_size, flipped_crop_top_left, resize_and_crop
 from library.captions import process_caption
 from library.dataset_config import DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, read_metadata_file
+from library.file_io import atomic_path
 from library.images import IMAGE_EXTENSIONS, list_images, load_image, load_image_with_alpha, read_image_sizes
 from library.text_encoding import tokenize, tokenize_weighted
 
@@ -144,6 +146,48 @@ def _finetuning_images(sub: SubsetConfig) -> list[ImageInfo]:
     return infos
 
 
+SIZE_CACHE_NAME = "image_size_cache.json"
+
+
+class _SizeCache:
+    """Sizes of images already decoded once, keyed by file name, valid while size and mtime are unchanged."""
+
+    def __init__(self, folder: str) -> None:
+        self.path = os.path.join(folder, SIZE_CACHE_NAME)
+        self.entries: dict[str, list[int]] = {}
+        self.dirty = False
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            self.entries = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            pass
+
+    @staticmethod
+    def _stamp(path: str) -> list[int]:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+
+    def get(self, path: str) -> tuple[int, int] | None:
+        entry = self.entries.get(os.path.basename(path))
+        if isinstance(entry, list) and len(entry) == 4 and entry[2:] == self._stamp(path):
+            return int(entry[0]), int(entry[1])
+        return None
+
+    def put(self, path: str, size: tuple[int, int]) -> None:
+        self.entries[os.path.basename(path)] = [size[0], size[1], *self._stamp(path)]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.entries, f)
+        except OSError as e:  # a read-only image folder only loses the speed-up
+            logger.warning("cannot write %s: %s", self.path, e)
+
+
 def _balance_regularization(train: list[ImageInfo], reg: list[ImageInfo]) -> list[ImageInfo]:
     """Draw reg images until they match the training count: extra ones unused, fewer ones repeated."""
     target = sum(i.num_repeats for i in train)
@@ -196,9 +240,20 @@ class ImageDataset:
         return sum(i.num_repeats for i in self.images if i.is_reg)
 
     def _read_sizes(self) -> None:
-        sizes = read_image_sizes([i.path for i in self.images])
-        for info, size in zip(self.images, sizes):
+        """Upright sizes of every image; `cache_info` subsets remember checked files in SIZE_CACHE_NAME."""
+        caches = {id(s): _SizeCache(s.image_dir) for s in self.config.subsets if s.cache_info and s.image_dir}
+        todo = []
+        for info in self.images:
+            cache = caches.get(id(info.subset))
+            info.size = cache.get(info.path) if cache else None
+            if info.size is None:
+                todo.append(info)
+        for info, size in zip(todo, read_image_sizes([i.path for i in todo])):
             info.size = size
+            if id(info.subset) in caches:
+                caches[id(info.subset)].put(info.path, size)
+        for cache in caches.values():
+            cache.save()
 
     def _assign_buckets(self) -> None:
         cfg = self.config

@@ -279,3 +279,22 @@ batch_size = 4
     assert len(g) == 5 + 1  # ceil(9 / 2) + ceil(4 / 4)
     sizes = Counter(tuple(g[i]["images"].shape) for i in range(len(g)))
     assert sizes == {(2, 3, 64, 64): 4, (1, 3, 64, 64): 1, (4, 3, 128, 128): 1}
+
+
+def test_cache_info_skips_checked_images(tmp_path, monkeypatch):
+    from library import datasets
+
+    make_images(tmp_path / "imgs", 3, size=(64, 32))
+    toml = write_toml(tmp_path / "c.toml", f"[[datasets]]\nresolution = 64\nenable_bucket = true\n"
+                                          f"min_bucket_reso = 64\nmax_bucket_reso = 128\n[[datasets.subsets]]\n"
+                                          f"image_dir = '{tmp_path / 'imgs'}'\ncache_info = true\n")
+    g = build_dataset_group(parse("--dataset_config", toml), None)
+    assert (tmp_path / "imgs" / datasets.SIZE_CACHE_NAME).is_file()
+    decoded: list[list[str]] = []
+    real = datasets.read_image_sizes
+    monkeypatch.setattr(datasets, "read_image_sizes", lambda paths: decoded.append(list(paths)) or real(paths))
+    g2 = build_dataset_group(parse("--dataset_config", toml), None)
+    assert decoded == [[]] and [i.size for i in g2.images] == [i.size for i in g.images] == [(64, 32)] * 3
+    make_images(tmp_path / "imgs", 1, size=(32, 64), seed=5)  # img0 rewritten: decoded again
+    g3 = build_dataset_group(parse("--dataset_config", toml), None)
+    assert [p.rsplit("/", 1)[1] for p in decoded[-1]] == ["img0.png"] and g3.images[0].size == (32, 64)
