@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         run(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
 
