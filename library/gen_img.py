@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
 import logging
 import random
@@ -32,7 +33,7 @@ UNSUPPORTED = {
                               "control_net_multipliers", "control_net_lllite_models", "guide_image_path",
                               "clip_guidance_scale", "clip_image_guidance_scale", "vgg16_guidance_scale",
                               "vgg16_guidance_layer"],
-    "Textual Inversion": ["textual_inversion_embeddings", "XTI_embeddings"],
+    "Extended Textual Inversion": ["XTI_embeddings"],
     "Deep Shrink": ["ds_depth_1", "ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio"],
     "regional networks / VAE slicing": ["network_regional_mask_max_color_codes", "vae_slices"],
 }
@@ -64,6 +65,8 @@ def build_parser(sdxl: bool) -> argparse.ArgumentParser:
     g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
     g.add_argument("--mem_eff_attn", action="store_true", help="memory-efficient attention (uses SDPA)")
     g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory format for the models")
+    g.add_argument("--textual_inversion_embeddings", nargs="*",
+                   help="Textual Inversion embedding files; the token is the file name without extension")
 
     g = p.add_argument_group("prompts and seeds")
     g.add_argument("--prompt", help="the prompt (prompt options such as --n may follow inside the string)")
@@ -145,6 +148,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool) -> None:
     if args.W % 8 or args.H % 8:
         logger.warning("--W/--H %dx%d: rounded down to multiples of 8", args.W, args.H)
     _validate_networks(args)
+    for f in args.textual_inversion_embeddings or []:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--textual_inversion_embeddings {f}: no such file")
     if args.xformers or args.diffusers_xformers:
         _check_xformers(args.device)
 
@@ -339,6 +345,12 @@ def run(args: argparse.Namespace, sdxl: bool, components=None) -> list[str]:
     comps = (prepare_components(components, args, dtype, device) if components is not None
              else load_components(args, sdxl, dtype, device))
     networks, default_muls, described = load_networks(args, comps, dtype, device)
+    text_transform = None
+    if args.textual_inversion_embeddings:
+        from library.textual_inversion import add_embeddings, expand_prompt
+
+        tokens = add_embeddings(comps.tokenizers, comps.text_encoders, args.textual_inversion_embeddings)
+        text_transform = functools.partial(expand_prompt, replacements=tokens)
     defaults = job_defaults(args, sdxl, default_muls)
     if any(s.network_muls for s in specs) and len(networks) < len(described):
         logger.warning("--am sets the multipliers of applied networks only; merged networks keep theirs")
@@ -352,7 +364,7 @@ def run(args: argparse.Namespace, sdxl: bool, components=None) -> list[str]:
         stamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
         results = S.generate(comps, jobs, device, args.batch_size, args.clip_skip, args.max_embeddings_multiples,
                              vae_batch, networks=networks, network_muls=default_muls, autocast_dtype=autocast,
-                             progress=True)
+                             progress=True, text_transform=text_transform)
         for k, (job, image) in enumerate(results):
             nets = network_info(described, job.network_muls or default_muls)
             name = (f"im_{len(written) + 1:06d}.png" if args.sequential_file_name

@@ -22,7 +22,7 @@ import secrets
 import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -217,8 +217,11 @@ def initial_noise(job: ImageJob, generator: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def denoise_batch(components, jobs: Sequence[ImageJob], device: torch.device | str,
                   clip_skip: int | None = None, max_embeddings_multiples: int = 1,
-                  progress: bool = False) -> torch.Tensor:
-    """Run the sampler for jobs sharing one `batch_key()`; returns the final latents (B, 4, H/8, W/8)."""
+                  progress: bool = False, text_transform: Callable[[str], str] | None = None) -> torch.Tensor:
+    """Run the sampler for jobs sharing one `batch_key()`; returns the final latents (B, 4, H/8, W/8).
+
+    `text_transform` rewrites prompts just before tokenizing (Textual Inversion token expansion).
+    """
     device = torch.device(device)
     first = jobs[0]
     unet = components.unet
@@ -232,6 +235,8 @@ def denoise_batch(components, jobs: Sequence[ImageJob], device: torch.device | s
         texts = [j.negative_prompt for j in jobs] + texts
         if first.negative_scale is not None:
             texts += [""] * len(jobs)  # the true unconditional of sd-scripts' negative_scale
+    if text_transform is not None:
+        texts = [text_transform(t) for t in texts]
     unique = list(dict.fromkeys(texts))  # images of one prompt share their encoding
     context, pooled = encode_prompts(components, unique, device, clip_skip, max_embeddings_multiples)
     which = torch.tensor([unique.index(t) for t in texts], device=context.device)
@@ -317,7 +322,8 @@ def set_network_multipliers(networks: Sequence[Any], muls: Sequence[float] | Non
 def generate(components, jobs: Sequence[ImageJob], device: torch.device | str, batch_size: int = 1,
              clip_skip: int | None = None, max_embeddings_multiples: int = 1, vae_batch_size: int | None = None,
              networks: Sequence[Any] = (), network_muls: Sequence[float] = (),
-             autocast_dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[tuple[ImageJob, Any]]:
+             autocast_dtype: torch.dtype | None = None, progress: bool = False,
+             text_transform: Callable[[str], str] | None = None) -> Iterator[tuple[ImageJob, Any]]:
     """Yield (job, PIL image) for every job, batching consecutive compatible jobs.
 
     `networks` are applied (not merged) networks whose multipliers follow each job's `network_muls`
@@ -327,7 +333,8 @@ def generate(components, jobs: Sequence[ImageJob], device: torch.device | str, b
     for batch in batches(jobs, batch_size):
         set_network_multipliers(networks, batch[0].network_muls, network_muls)
         with _autocast(device, autocast_dtype):
-            latents = denoise_batch(components, batch, device, clip_skip, max_embeddings_multiples, progress)
+            latents = denoise_batch(components, batch, device, clip_skip, max_embeddings_multiples, progress,
+                                    text_transform)
         yield from zip(batch, decode_latents(components.vae, latents, vae_batch_size))
 
 
