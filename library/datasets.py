@@ -16,7 +16,6 @@ from 1, as in the original (`caption_dropout_every_n_epochs` drops at epochs n, 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import multiprocessing
@@ -28,11 +27,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from library.buckets import BucketManager, Crop, Reso, cover_size, flipped_crop_top_left, resize_and_crop
+from library.buckets import BucketManager, Reso, cover_size, flipped_crop_top_left
 from library.captions import process_caption
 from library.dataset_config import DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, read_metadata_file
-from library.file_io import atomic_path
-from library.images import IMAGE_EXTENSIONS, list_images, load_image, load_image_with_alpha, read_image_sizes
+from library.images import IMAGE_EXTENSIONS, SizeCache, list_images, read_image_sizes
+from library.training_images import color_augment, load_training_image, to_tensor
 from library.text_encoding import tokenize, tokenize_weighted
 
 logger = logging.getLogger(__name__)
@@ -146,48 +145,6 @@ def _finetuning_images(sub: SubsetConfig) -> list[ImageInfo]:
     return infos
 
 
-SIZE_CACHE_NAME = "image_size_cache.json"
-
-
-class _SizeCache:
-    """Sizes of images already decoded once, keyed by file name, valid while size and mtime are unchanged."""
-
-    def __init__(self, folder: str) -> None:
-        self.path = os.path.join(folder, SIZE_CACHE_NAME)
-        self.entries: dict[str, list[int]] = {}
-        self.dirty = False
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                data = json.load(f)
-            self.entries = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            pass
-
-    @staticmethod
-    def _stamp(path: str) -> list[int]:
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
-
-    def get(self, path: str) -> tuple[int, int] | None:
-        entry = self.entries.get(os.path.basename(path))
-        if isinstance(entry, list) and len(entry) == 4 and entry[2:] == self._stamp(path):
-            return int(entry[0]), int(entry[1])
-        return None
-
-    def put(self, path: str, size: tuple[int, int]) -> None:
-        self.entries[os.path.basename(path)] = [size[0], size[1], *self._stamp(path)]
-        self.dirty = True
-
-    def save(self) -> None:
-        if not self.dirty:
-            return
-        try:
-            with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.entries, f)
-        except OSError as e:  # a read-only image folder only loses the speed-up
-            logger.warning("cannot write %s: %s", self.path, e)
-
-
 def _balance_regularization(train: list[ImageInfo], reg: list[ImageInfo]) -> list[ImageInfo]:
     """Draw reg images until they match the training count: extra ones unused, fewer ones repeated."""
     target = sum(i.num_repeats for i in train)
@@ -240,8 +197,8 @@ class ImageDataset:
         return sum(i.num_repeats for i in self.images if i.is_reg)
 
     def _read_sizes(self) -> None:
-        """Upright sizes of every image; `cache_info` subsets remember checked files in SIZE_CACHE_NAME."""
-        caches = {id(s): _SizeCache(s.image_dir) for s in self.config.subsets if s.cache_info and s.image_dir}
+        """Upright sizes of every image; `cache_info` subsets remember checked files (images.SizeCache)."""
+        caches = {id(s): SizeCache(s.image_dir) for s in self.config.subsets if s.cache_info and s.image_dir}
         todo = []
         for info in self.images:
             cache = caches.get(id(info.subset))
@@ -305,88 +262,6 @@ class ImageDataset:
 
     def num_batches(self) -> int:
         return sum(math.ceil(len(m) / self.config.batch_size) for m in self.buckets.values())
-
-
-def color_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The original's color_aug: a third of the time, a small hue shift or a gamma in [0.95, 1.05]."""
-    import cv2
-
-    if rng.random() > 0.33:
-        return image
-    if rng.random() > 0.5:
-        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-        shift = rng.uniform(-8, 8)
-        hsv[..., 0] = ((hsv[..., 0].astype(np.float32) + shift) % 180).astype(np.uint8)
-        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    gamma = rng.uniform(0.95, 1.05)
-    return np.clip(((image / 255.0) ** gamma) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def face_crop(image: np.ndarray, face: tuple[int, int, int, int], reso: Reso, face_range: tuple[float, float],
-              random_crop: bool, rng: np.random.Generator) -> np.ndarray:
-    """Scale so the face is 1/face_range of the short side and crop around it (the original's crop_target)."""
-    import cv2
-
-    height, width = image.shape[:2]
-    tw, th = reso
-    cx, cy, fw, fh = face
-    face_size = max(fw, fh)
-    size = min(tw, th)
-    min_scale = max(th / height, tw / width)
-    lo = min(1.0, max(min_scale, size / (face_size * face_range[1])))
-    hi = min(1.0, max(lo, size / (face_size * face_range[0])))
-    scale = lo if lo >= hi else rng.uniform(lo, hi)
-    nh, nw = max(th, int(height * scale + 0.5)), max(tw, int(width * scale + 0.5))
-    image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
-    cx, cy = int(cx * scale + 0.5), int(cy * scale + 0.5)
-    for axis, (target, length, centre) in enumerate(((th, nh, cy), (tw, nw, cx))):
-        p = centre - target // 2
-        if random_crop:
-            span = max(length - centre, centre)
-            p += int(rng.integers(0, span + 1) + rng.integers(0, span + 1)) - span
-        elif face_range[0] != face_range[1] and face_size > size // 10 and face_size >= 40:
-            p += int(rng.integers(-(face_size // 20), face_size // 20 + 1))
-        p = max(0, min(p, length - target))
-        image = image[p:p + target] if axis == 0 else image[:, p:p + target]
-    return np.ascontiguousarray(image)
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-@dataclass
-class LoadedImage:
-    image: np.ndarray  # uint8 (H, W, 3), bucket sized
-    crop: Crop
-    alpha: np.ndarray | None
-
-
-def load_training_image(info: ImageInfo, use_bucket_crop: bool, rng: np.random.Generator | None,
-                        random_crop: bool | None = None) -> LoadedImage:
-    """Read one image and turn it into its bucket-sized array (face crop when configured and not bucketing)."""
-    sub = info.subset
-    if sub.alpha_mask:
-        image, alpha = load_image_with_alpha(info.path)
-        if alpha is None:
-            alpha = np.ones(image.shape[:2], dtype=np.float32)
-        image = np.dstack([image, (alpha * 255 + 0.5).astype(np.uint8)])
-    else:
-        image = load_image(info.path)
-    random_crop = sub.random_crop if random_crop is None else random_crop
-    rng = rng if rng is not None else np.random.default_rng(0)
-    if not use_bucket_crop and info.face is not None and sub.face_crop_aug_range is not None:
-        h, w = image.shape[:2]
-        image = face_crop(image, info.face, info.bucket_reso, sub.face_crop_aug_range, random_crop, rng)
-        crop = Crop((h, w), (0, 0), (w, h))
-    else:
-        image, crop = resize_and_crop(image, info.bucket_reso, info.resized_size, random_crop, rng)
-    alpha = None
-    if sub.alpha_mask:
-        alpha = image[..., 3].astype(np.float32) / 255.0
-        image = np.ascontiguousarray(image[..., :3])
-    return LoadedImage(image, crop, alpha)
 
 
 class DatasetGroup(torch.utils.data.Dataset):

@@ -6,6 +6,8 @@ are scaled to 8 bits (not clipped). Any unreadable or corrupt file raises `Image
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +15,10 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from library.file_io import atomic_path
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _BACKGROUND = (255, 255, 255)
@@ -113,3 +119,45 @@ def read_image_sizes(paths: Iterable[str], workers: int = 4, progress: bool = Tr
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
         it = pool.map(_check_one, paths)
         return list(tqdm(it, total=len(paths), desc="checking images", disable=not progress or len(paths) < 50))
+
+
+SIZE_CACHE_NAME = "image_size_cache.json"
+
+
+class SizeCache:
+    """Sizes of images already decoded once, keyed by file name, valid while size and mtime are unchanged."""
+
+    def __init__(self, folder: str) -> None:
+        self.path = os.path.join(folder, SIZE_CACHE_NAME)
+        self.entries: dict[str, list[int]] = {}
+        self.dirty = False
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            self.entries = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            pass
+
+    @staticmethod
+    def _stamp(path: str) -> list[int]:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+
+    def get(self, path: str) -> tuple[int, int] | None:
+        entry = self.entries.get(os.path.basename(path))
+        if isinstance(entry, list) and len(entry) == 4 and entry[2:] == self._stamp(path):
+            return int(entry[0]), int(entry[1])
+        return None
+
+    def put(self, path: str, size: tuple[int, int]) -> None:
+        self.entries[os.path.basename(path)] = [size[0], size[1], *self._stamp(path)]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.entries, f)
+        except OSError as e:  # a read-only image folder only loses the speed-up
+            logger.warning("cannot write %s: %s", self.path, e)

@@ -140,7 +140,7 @@ def load_cached_latents(info: "ImageInfo", flip: bool) -> tuple[torch.Tensor, Cr
 @torch.no_grad()
 def encode_images(vae: Any, images: list[np.ndarray], generator: torch.Generator | None = None) -> torch.Tensor:
     """VAE latents (B, 4, h, w) float32 on the CPU of uint8 (H, W, 3) images of one size (not scaled)."""
-    from library.datasets import to_tensor
+    from library.training_images import to_tensor
 
     param = next(vae.parameters())
     x = torch.stack([to_tensor(np.ascontiguousarray(im)) for im in images]).to(param.device, param.dtype)
@@ -156,7 +156,7 @@ def cache_group_latents(group: "DatasetGroup", vae: Any, vae_batch_size: int = 1
     """Cache the latents of every image of `group` (valid disk caches are reused), batched by bucket."""
     from tqdm import tqdm
 
-    from library.datasets import load_training_image
+    from library.training_images import load_training_image
 
     for ds in group.datasets:
         for sub in ds.config.subsets:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from library.datasets import build_dataset_group, make_data_loader
-from library.images import ImageError, load_image, read_image_sizes
+from library.images import SIZE_CACHE_NAME, ImageError, load_image, read_image_sizes
 from library.sd_configs import make_clip_tokenizer
 from tests.data_helpers import make_images, parse, write_toml
 
@@ -289,7 +289,7 @@ def test_cache_info_skips_checked_images(tmp_path, monkeypatch):
                                           f"min_bucket_reso = 64\nmax_bucket_reso = 128\n[[datasets.subsets]]\n"
                                           f"image_dir = '{tmp_path / 'imgs'}'\ncache_info = true\n")
     g = build_dataset_group(parse("--dataset_config", toml), None)
-    assert (tmp_path / "imgs" / datasets.SIZE_CACHE_NAME).is_file()
+    assert (tmp_path / "imgs" / SIZE_CACHE_NAME).is_file()
     decoded: list[list[str]] = []
     real = datasets.read_image_sizes
     monkeypatch.setattr(datasets, "read_image_sizes", lambda paths: decoded.append(list(paths)) or real(paths))
