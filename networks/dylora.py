@@ -80,7 +80,7 @@ class DyLoRAModule(lora.LoRAModule):
         up = torch.cat([p.detach() for p in b[:-1]] + [b[-1]], dim=1)
         return down, up
 
-    def lora_delta(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+    def lora_hidden(self, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:
             chunks = self.rank_state.chunks
             if chunks is None:  # no step hook from the trainer: draw per call (torch RNG, so checkpointing replays it)
@@ -98,8 +98,7 @@ class DyLoRAModule(lora.LoRAModule):
             hidden = torch.nn.functional.linear(x, down)
         if self.training and self.dropout:
             hidden = torch.nn.functional.dropout(hidden, p=self.dropout)
-        hidden = hidden * scale
-        return torch.nn.functional.conv2d(hidden, up) if self.is_conv else torch.nn.functional.linear(hidden, up)
+        return hidden * scale, up
 
     # ---- files hold ordinary LoRA keys ----
     def _save_to_state_dict(self, destination, prefix, keep_vars):

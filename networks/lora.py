@@ -25,6 +25,26 @@ from networks.lora_names import (LoRANameResolver, LoRATarget, guess_file_family
 logger = logging.getLogger(__name__)
 
 
+def add_up_projection(out: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor, is_conv: bool) -> torch.Tensor:
+    """`out + up(hidden)`, fused into one GEMM that accumulates into `out` in place when the dtypes agree.
+
+    The layer output is a fresh tensor that no backward pass needs (Linear / Conv2d save their inputs, not
+    their outputs), so adding in place is safe for autograd and saves a full pass over the output.
+    """
+    up = up.to(hidden.dtype)  # under autocast the hidden is in the low precision
+    if out.dtype == hidden.dtype and out.is_contiguous():
+        rank = hidden.shape[1] if is_conv else hidden.shape[-1]
+        if is_conv:
+            n = out.shape[0]
+            up3 = up.reshape(1, up.shape[0], rank).expand(n, -1, -1)
+            out.view(n, out.shape[1], -1).baddbmm_(up3, hidden.reshape(n, rank, -1))
+        else:
+            out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, rank), up.t())
+        return out
+    delta = torch.nn.functional.conv2d(hidden, up) if is_conv else torch.nn.functional.linear(hidden, up)
+    return out + delta.to(out.dtype)
+
+
 class LoRAModule(torch.nn.Module):
     """A low-rank adapter of one Linear / Conv2d layer: `lora_down` (carries a conv's kernel), `lora_up` (1x1)."""
 
@@ -83,8 +103,8 @@ class LoRAModule(torch.nn.Module):
         if prefix + "alpha" in state_dict:
             self.scale = float(self.alpha.float().item()) / self.lora_dim
 
-    def lora_delta(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """`scale * up(down(x))` with the training-time dropouts."""
+    def lora_hidden(self, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(scale * down(x), up weight)` with the training-time dropouts applied to the rank-sized hidden."""
         weight = self.lora_down.weight
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(weight.dtype)
@@ -94,13 +114,19 @@ class LoRAModule(torch.nn.Module):
                 lx = torch.nn.functional.dropout(lx, p=self.dropout)
             if self.rank_dropout:
                 mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
-                if lx.dim() == 3:
-                    mask = mask.unsqueeze(1)  # (B, tokens, rank): text encoder / linear UNet layers
-                elif lx.dim() == 4:
-                    mask = mask[:, :, None, None]  # (B, rank, H, W): conv layers
+                if self.is_conv:
+                    mask = mask[:, :, None, None]  # (B, rank, H, W)
+                elif lx.dim() == 3:
+                    mask = mask.unsqueeze(1)  # (B, tokens, rank)
                 lx = lx * mask.to(lx.dtype)
                 scale = scale / (1.0 - self.rank_dropout)  # as if the rank had changed
-        return self.lora_up(lx * scale)  # scaling the rank-sized tensor is cheaper than the output
+        return lx * scale, self.lora_up.weight  # scaling the rank-sized tensor is cheaper than the output
+
+    def lora_delta(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """`scale * up(down(x))` on its own (the forward adds it to the layer output without this copy)."""
+        hidden, up = self.lora_hidden(x, scale)
+        up = up.to(hidden.dtype)
+        return torch.nn.functional.conv2d(hidden, up) if self.is_conv else torch.nn.functional.linear(hidden, up)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.org_forward(x, *args, **kwargs)
@@ -108,8 +134,8 @@ class LoRAModule(torch.nn.Module):
             return out
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return out
-        delta = self.lora_delta(x, self.multiplier * self.scale)
-        return out + delta.to(out.dtype)
+        hidden, up = self.lora_hidden(x, self.multiplier * self.scale)
+        return add_up_projection(out, hidden, up, self.is_conv)
 
     # ---- weight-space views of the adapter (merge, max-norm) ----
     def down_weight(self) -> torch.Tensor:

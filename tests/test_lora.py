@@ -241,3 +241,31 @@ def test_bad_network_args_name_the_argument():
         lora.create_network(1.0, 4, 1, None, m.text_encoder, m.unet, rank_dropout="1.5")
     with pytest.raises(ValueError, match="network_dim"):
         lora.create_network(1.0, "x", 1, None, m.text_encoder, m.unet)
+
+
+@pytest.mark.parametrize("layer_kind", ["linear3d", "linear2d", "conv1x1", "conv3x3"])
+def test_fused_forward_matches_reference_values_and_gradients(layer_kind):
+    torch.manual_seed(0)
+    layer = {"linear3d": torch.nn.Linear(12, 10), "linear2d": torch.nn.Linear(12, 10),
+             "conv1x1": torch.nn.Conv2d(6, 5, 1), "conv3x3": torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)}[layer_kind]
+    layer.requires_grad_(False)
+    x = {"linear3d": torch.randn(2, 7, 12), "linear2d": torch.randn(3, 12)}.get(layer_kind, torch.randn(2, 6, 9, 9))
+    module = lora.LoRAModule("t", layer, multiplier=0.7, lora_dim=3, alpha=1.5)
+    torch.nn.init.normal_(module.lora_up.weight)
+    module.apply_to()
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fused = layer(x1)
+    up = module.lora_up(module.lora_down(x2))
+    reference = module.org_forward(x2) + 0.7 * 0.5 * up
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(fused)
+    grads_fused = torch.autograd.grad(fused, [x1, module.lora_down.weight, module.lora_up.weight], g)
+    grads_ref = torch.autograd.grad(reference, [x2, module.lora_down.weight, module.lora_up.weight], g)
+    for a, b in zip(grads_fused, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision training path
+        out = layer(x1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    assert module.lora_up.weight.grad is not None and module.lora_up.weight.grad.dtype == torch.float32
