@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from tqdm import tqdm
 
 from library import ldm_convert as lc
 from library.file_io import CheckpointError, atomic_path, precision_dtype, refuse_overwrite
@@ -104,9 +105,12 @@ def empty_models_for_layout(layout: lc.LdmLayout, with_vae: bool = True) -> dict
     return models
 
 
-def _fill(model: torch.nn.Module, component: str, reader, layout: lc.LdmLayout, dtype, device, source: str):
+def _fill(model: torch.nn.Module, component: str, reader, layout: lc.LdmLayout, dtype, device, source: str, bar):
     names = list(model.state_dict().keys())
-    sd = dict(lc.ldm_to_diffusers(component, names, reader.get, layout, dtype, device, source))
+    sd = {}
+    for name, tensor in lc.ldm_to_diffusers(component, names, reader.get, layout, dtype, device, source):
+        sd[name] = tensor
+        bar.update()
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 
@@ -127,8 +131,10 @@ def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, to
         if ema:
             logger.info("%s: ignoring %d model_ema.* tensors (the EMA copy); the model weights are used", path, ema)
         models = empty_models_for_layout(layout, with_vae=want_vae)
-        for component, model in models.items():
-            _fill(model, component, reader, layout, dtype, device, str(path))
+        with tqdm(total=sum(len(m.state_dict()) for m in models.values()), desc="loading", unit="tensor",
+                  disable=None) as bar:
+            for component, model in models.items():
+                _fill(model, component, reader, layout, dtype, device, str(path), bar)
         tes = [models[n] for n in lc.TE_COMPONENTS[: len(layout.text_encoder_configs)]]
         for i, te in enumerate(tes):
             extra = lc.extra_ldm_keys(layout, i, list(shapes))
@@ -429,6 +435,9 @@ def _save_diffusers(comps: ModelComponents, path: Path, dtype) -> None:
             _write_diffusers_model(comps.vae, tmp / "vae", dtype)
         for name, te in zip(lc.TE_COMPONENTS, comps.text_encoders):
             _write_transformers_model(te, tmp / name, dtype)
+        if len(comps.tokenizers) < len(comps.text_encoders):
+            logger.warning("%s: no tokenizers to save; the Diffusers folder lacks tokenizer/ (load the model with "
+                           "its tokenizers to include them)", path)
         for name, tok in zip(("tokenizer", "tokenizer_2"), comps.tokenizers):
             tok.save_pretrained(str(tmp / name))
         sched_cls = "EulerDiscreteScheduler" if comps.is_sdxl else "DDIMScheduler"

@@ -248,3 +248,54 @@ def test_diffusers_folder_is_readable_by_diffusers_itself(tmp_path):
     assert torch.equal(pipe.unet.conv_in.weight, ours.unet.conv_in.weight)
     assert pipe.tokenizer_2.pad_token == "!"
     assert os.path.isfile(Path(folder) / "scheduler" / "scheduler_config.json")
+
+
+_MEMORY_PROBE = r"""
+import sys, torch
+from library.model_loading import load_models, save_models
+
+def hwm():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024, int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+path, tiny, cache, out = sys.argv[1:5]
+load_models(tiny, tokenizer_cache_dir=cache)  # imports and lazily loaded modules are not the model's memory
+reset_peak()
+before = hwm()[1]
+comps = load_models(path, tokenizer_cache_dir=cache)
+load_peak = hwm()[0] - before
+reset_peak()
+before_save = hwm()[1]
+save_models(comps, out, "fp16")
+save_peak = hwm()[0] - before_save
+print(f"RESULT {load_peak:.1f} {save_peak:.1f}")
+"""
+
+
+def test_loading_and_saving_hold_the_model_once(tmp_path):
+    """Peak memory of load_models grows by one model, of save_models (fp16) by far less than a second copy."""
+    import subprocess
+    import sys
+
+    from diffusers import AutoencoderKL
+
+    comps = load_tiny("sd1")
+    comps.vae = AutoencoderKL(**{**comps.vae.config, "block_out_channels": [64, 128, 256, 256], "norm_num_groups": 32})
+    path = tmp_path / "medium.safetensors"
+    save_models(comps, path)
+    model_mib = sum(p.numel() * 4 for m in (comps.unet, comps.vae, comps.text_encoder) for p in m.parameters()) / 2**20
+    assert model_mib > 60
+    del comps
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(tiny_model_path("sd1")),
+                          str(tiny_tokenizer_cache("sd1")), str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    load_peak, save_peak = map(float, run.stdout.split("RESULT")[1].split())
+    print(f"model {model_mib:.0f} MiB, load peak +{load_peak:.0f} MiB, fp16 save peak +{save_peak:.0f} MiB")
+    assert load_peak < 1.15 * model_mib + 10, (load_peak, model_mib)
+    assert save_peak < 0.25 * model_mib + 10, (save_peak, model_mib)
