@@ -62,7 +62,11 @@ def random_lora_file(arch: str, size: str, rank: int, path: Path, seed: int, con
 
 
 def run_measured(argv: list[str]) -> dict:
-    """Run a tool in a child process; its wall time and peak RSS (GiB)."""
+    """Run a tool in a child process; its wall time and peak RSS (GiB).
+
+    Linux keeps a process's RSS high-water mark across fork + exec, so the parent must stay small (it never
+    imports torch: the models are prepared in another child) for `ru_maxrss` to be the tool's own peak.
+    """
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -122,9 +126,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--workdir", required=True, help="folder for the generated models and outputs")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--cases", nargs="*", default=None, help="run only these cases")
+    parser.add_argument("--prepare_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work = Path(args.workdir)
-    prepare(args.arch, args.size, work)
+    if args.prepare_only:
+        prepare(args.arch, args.size, work)
+        return {}
+    run_measured([str(Path(__file__).resolve()), "--prepare_only", "--size", args.size, "--arch", args.arch,
+                  "--workdir", str(work)])
     results = {}
     for case, cmd in cases(work).items():
         if args.cases and case not in args.cases:

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as `python networks/extract_lora_from_model
 from library.file_io import precision_dtype
 from networks.lora import save_lora_file
 from networks.lora_cli import PRECISION_CHOICES, check_inputs, check_output, run_main
-from networks.lora_math import resolve_device
+from networks.lora_math import minimal_metadata, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ def run(args: argparse.Namespace) -> None:
                      r.fro_retained, r.relative_error, r.solver)
     logger.info("extract: %s", summarize(reports))
     if args.no_metadata:
-        metadata = {k: v for k, v in metadata.items() if k in ("ss_network_module", "ss_network_dim",
-                                                               "ss_network_alpha", "ss_v2", "ss_base_model_version")}
+        metadata = minimal_metadata(metadata)
     logger.info("saving LoRA to %s", args.save_to)
     save_lora_file(tensors, args.save_to, precision_dtype(args.save_precision or "float"), metadata)
 

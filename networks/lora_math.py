@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -399,6 +399,15 @@ def merged_metadata(sources: Sequence[Mapping[str, str]], recipe: Mapping[str, o
                 common[key] = value
     common["ss_merge_recipe"] = json.dumps(recipe, ensure_ascii=False)
     return common
+
+
+MINIMAL_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_v2",
+                "ss_base_model_version")
+
+
+def minimal_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Only the keys loaders need (`--no_metadata`): network module, dim, alpha, args, model version."""
+    return {k: v for k, v in metadata.items() if k in MINIMAL_KEYS}
 
 
 def dims_metadata(ranks: Iterable[int], alphas: Iterable[float]) -> dict[str, str]:

@@ -18,9 +18,9 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as `python networks/merge_lora.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
 
 from library.file_io import precision_dtype
+from networks.lora_math import minimal_metadata
 from networks.lora_cli import add_precision_arguments, check_inputs, check_output, run_main, save_dtype
 from networks.lora import save_lora_file
 from networks.lora_merge_ops import check_ratios, merge_loras
@@ -76,8 +76,7 @@ def run(args: argparse.Namespace, sdxl: bool = False) -> None:
     tensors, metadata = merge_loras(args.models, ratios, dtype=merge_dtype, concat=args.concat, shuffle=args.shuffle,
                                     families=("sdxl",) if sdxl else ("sd1", "sd2"))
     if args.no_metadata:
-        metadata = {k: v for k, v in metadata.items()
-                    if k in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_v2", "ss_base_model_version")}
+        metadata = minimal_metadata(metadata)
     logger.info("saving merged LoRA to %s", args.save_to)
     save_lora_file(tensors, args.save_to, out_dtype, metadata)
 

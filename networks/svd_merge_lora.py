@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python networks/svd_merge_lora.py`
 from library.file_io import precision_dtype
 from networks.lora_cli import add_precision_arguments, check_inputs, check_output, run_main, save_dtype
 from networks.lora import save_lora_file
-from networks.lora_math import resolve_device
+from networks.lora_math import minimal_metadata, resolve_device
 from networks.lora_merge_ops import check_ratios, summarize, svd_merge_loras
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ def run(args: argparse.Namespace) -> None:
                      r.fro_retained, r.relative_error)
     logger.info("svd merge: %s", summarize(reports))
     if args.no_metadata:
-        metadata = {k: v for k, v in metadata.items()
-                    if k in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_v2", "ss_base_model_version")}
+        metadata = minimal_metadata(metadata)
     logger.info("saving merged LoRA to %s", args.save_to)
     save_lora_file(tensors, args.save_to, save_dtype(args.save_precision, args.precision), metadata)
 

@@ -51,3 +51,20 @@ def load_checkpoint_models(path: str, arch: str):
     for te, comp in zip(models.text_encoders, lc.TE_COMPONENTS):
         te.load_state_dict(converted[comp], strict=False)
     return models
+
+
+def doc_commands(doc: str, script: str) -> list[list[str]]:
+    """The argv (without `python networks/<script>`) of each `script` command in the doc's "Worked example"."""
+    import re
+    import shlex
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / doc).read_text(encoding="utf-8")
+    section = text.split("## Worked example", 1)[1]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command)
+            if words[:2] == ["python", f"networks/{script}"]:
+                commands.append(words[2:])
+    assert commands, f"no {script} command in the worked example of docs/{doc}"
+    return commands

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from networks import check_lora_weights
-from networks.lora_math import ALPHA, DOWN, UP
+from networks.lora_math import DOWN, UP
 from tests.conftest import tiny_models
 from tests.lora_fixtures import random_lora, write_lora
 from tests.lora_tool_fixtures import random_network, write_network
@@ -76,3 +76,15 @@ def test_errors(tmp_path):
         check_lora_weights.main([path])
     with pytest.raises(SystemExit, match="--arch or --sd_model, not both"):
         check_lora_weights.main([path, "--arch", "sd1", "--sd_model", path])
+
+
+def test_docs_worked_example(tmp_path, monkeypatch, capsys):
+    from tests.lora_tool_fixtures import doc_commands, write_checkpoint
+
+    models = tiny_models("sd1")
+    write_checkpoint(models, tmp_path / "model.safetensors")
+    write_network(random_network(models, dim=2, conv_dim=2), tmp_path / "char.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for argv in doc_commands("check_lora_weights.md", "check_lora_weights.py"):
+        check_lora_weights.main(argv)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("ranks [2], 0 problem(s)")

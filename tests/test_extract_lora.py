@@ -11,7 +11,6 @@ from networks import merge_lora, sdxl_merge_lora
 from networks.lora_math import DOWN
 from tests.conftest import tiny_models
 from tests.lora_fixtures import deltas
-from tests.lora_helpers import outputs
 from tests.lora_tool_fixtures import outputs_with_loras, random_network, write_checkpoint, write_network
 from tests.model_fixtures import tiny_model_path
 
@@ -129,3 +128,18 @@ def test_errors(tmp_path):
     with pytest.raises(SystemExit, match="--model_tuned is required"):
         extract.main(["--model_org", org, "--save_to", out])
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_docs_worked_example(tmp_path, monkeypatch):
+    from tests.lora_tool_fixtures import doc_commands
+
+    models = tiny_models("sd1")
+    write_checkpoint(models, tmp_path / "base.safetensors")
+    lora = write_network(random_network(models, dim=2, conv_dim=2, seed=8), tmp_path / "lora.safetensors")
+    merge_lora.main(["--sd_model", str(tmp_path / "base.safetensors"), "--save_to", str(tmp_path / "tuned.safetensors"),
+                     "--models", lora])
+    monkeypatch.chdir(tmp_path)
+    for argv in doc_commands("extract_lora_from_models.md", "extract_lora_from_models.py"):
+        extract.main(argv)
+    _assert_close(outputs_with_loras("sd1", [(str(tmp_path / "extracted.safetensors"), 1.0)]),
+                  outputs_with_loras("sd1", [(lora, 1.0)]))

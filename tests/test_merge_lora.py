@@ -205,3 +205,36 @@ def test_target_table_is_cached_and_equal_to_a_fresh_one(tmp_path, monkeypatch):
     assert ops.placed_targets(layout, aliases=True) == fresh
     lierla = ops.placed_targets(layout, include_conv3x3=False)
     assert set(lierla) < set(fresh) and not any(p.kind == "conv3x3" for p in lierla.values())
+
+
+def test_docs_worked_example(tmp_path, monkeypatch):
+    from tests.lora_tool_fixtures import doc_commands
+
+    models = tiny_models("sd1")
+    write_checkpoint(models, tmp_path / "model.safetensors")
+    char = write_network(random_network(models, dim=4, alpha=2.0, conv_dim=2, seed=21), tmp_path / "char.safetensors")
+    style = write_network(random_network(models, dim=4, alpha=4.0, conv_dim=2, seed=22), tmp_path / "style.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for argv in doc_commands("merge_lora.md", "merge_lora.py"):
+        merge_lora.main(argv)
+    merged = load_models(tmp_path / "merged.safetensors", **load_kwargs("sd1"))
+    _assert_close(outputs(merged), outputs_with_loras("sd1", [(char, 0.8), (style, 0.5)]))
+    d_char, d_style = deltas(load_state_dict(char)), deltas(load_state_dict(style))
+    d_concat = deltas(load_state_dict(tmp_path / "char_minus_style.safetensors"))
+    assert set(d_concat) == set(d_char)
+    for name in d_char:
+        assert torch.allclose(d_concat[name], d_char[name] - d_style[name], atol=1e-5)
+    assert (tmp_path / "half_half.safetensors").exists()
+
+
+def test_sdxl_docs_worked_example(tmp_path, monkeypatch):
+    from tests.lora_tool_fixtures import doc_commands
+
+    models = tiny_models("sdxl")
+    write_checkpoint(models, tmp_path / "sdxl_model.safetensors")
+    char = write_network(random_network(models, dim=2, seed=23), tmp_path / "sdxl_char.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for argv in doc_commands("sdxl_merge_lora.md", "sdxl_merge_lora.py"):
+        sdxl_merge_lora.main(argv)
+    merged = load_models(tmp_path / "sdxl_merged.safetensors", **load_kwargs("sdxl"))
+    _assert_close(outputs(merged), outputs_with_loras("sdxl", [(char, 0.8)]), atol=2e-2)

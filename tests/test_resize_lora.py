@@ -69,3 +69,29 @@ def test_errors(tmp_path, lora):
     with pytest.raises(SystemExit, match="no such file"):
         resize_lora.main(["--model", str(tmp_path / "nope.safetensors"), "--save_to", out])
     assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_docs_worked_example(tmp_path, monkeypatch, capsys):
+    from tests.lora_tool_fixtures import doc_commands
+
+    sd = random_lora(SMALL_SHAPES, rank=8, alpha=4.0, seed=6)
+    write_lora(tmp_path / "char.safetensors", sd)
+    monkeypatch.chdir(tmp_path)
+    for argv in doc_commands("resize_lora.md", "resize_lora.py"):
+        resize_lora.main(argv)
+    r2 = load_state_dict(tmp_path / "char_r2.safetensors")
+    assert {r2[k].shape[0] for k in r2 if k.endswith(DOWN)} == {2}
+    fro = deltas(load_state_dict(tmp_path / "char_fro90.safetensors"))
+    for name, delta in deltas(sd).items():
+        assert float(fro[name].norm() / delta.norm()) >= 0.9 - 1e-6
+    assert "retained Frobenius norm" in capsys.readouterr().out
+
+
+def test_benchmark_script_runs_at_tiny_size(tmp_path):
+    from bench.bench_lora_tools import main as bench_main
+
+    results = bench_main(["--size", "tiny", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json"),
+                          "--cases", "merge_two_loras", "resize_rank2"])
+    assert set(results) == {"merge_two_loras", "resize_rank2"}
+    assert all(r["seconds"] > 0 and 0.05 < r["peak_rss_gib"] < 4 for r in results.values())
+    assert (tmp_path / "ab.safetensors").exists() and (tmp_path / "resized.safetensors").exists()

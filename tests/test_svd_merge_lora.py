@@ -74,3 +74,20 @@ def test_errors(tmp_path):
     pbad = write_lora(tmp_path / "bad.safetensors", bad_shape)
     with pytest.raises(SystemExit, match=f"module {name}: .*different models"):
         svd_merge_lora.main(["--models", pa, pbad, "--save_to", out])
+
+
+def test_docs_worked_example(tmp_path, monkeypatch):
+    from tests.lora_tool_fixtures import doc_commands
+
+    a = random_lora(SMALL_SHAPES, rank=4, alpha=2.0, seed=1)
+    b = random_lora(SMALL_SHAPES, rank=3, alpha=6.0, seed=2)
+    write_lora(tmp_path / "char.safetensors", a)
+    write_lora(tmp_path / "style.safetensors", b)
+    monkeypatch.chdir(tmp_path)
+    for argv in doc_commands("svd_merge_lora.md", "svd_merge_lora.py"):
+        svd_merge_lora.main(argv)
+    got, da, db = deltas(load_state_dict(tmp_path / "char_style_r3.safetensors")), deltas(a), deltas(b)
+    for name in da:
+        target = (0.6 * da[name] + 0.4 * db[name]).reshape(da[name].shape[0], -1)
+        err = torch.linalg.norm(target - got[name].reshape(target.shape))
+        assert torch.isclose(err, torch.linalg.norm(torch.linalg.svdvals(target)[3:]), rtol=1e-4)
