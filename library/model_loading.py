@@ -254,7 +254,9 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, family: 
                                   f"AutoencoderKL)")
         return AutoencoderKL.from_pretrained(str(p), subfolder=sub, torch_dtype=dtype).to(device).eval()
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such VAE file or folder")
+        if _looks_like_path(str(path)):
+            raise FileNotFoundError(f"{p}: no such VAE file or folder")
+        return _load_hub_vae(str(path), dtype).to(device).eval()
     from library.tensor_stream import TensorFile
 
     with TensorFile(p) as reader:
@@ -281,6 +283,19 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, family: 
     vae.load_state_dict(sd, strict=True, assign=True)
     logger.info("loaded VAE from %s", p)
     return vae.eval()
+
+
+def _load_hub_vae(model_id: str, dtype):
+    from diffusers import AutoencoderKL
+
+    errors = []
+    for sub in (None, "vae"):  # a VAE repository, or a model repository with vae/
+        try:
+            return AutoencoderKL.from_pretrained(model_id, subfolder=sub, torch_dtype=dtype)
+        except Exception as e:  # offline, unknown id, or not at this place
+            errors.append(type(e).__name__)
+    raise CheckpointError(f"{model_id}: not a local VAE file or folder, and loading it as a Hugging Face model id "
+                          f"failed ({', '.join(errors)}); download it and pass a local file or folder to --vae")
 
 
 _OLD_VAE_ATTN = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}

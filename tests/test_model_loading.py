@@ -200,6 +200,12 @@ def test_separate_vae_in_every_format(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_vae(tiny_model_path("sd1", "diffusers") / "unet")
     _one_line(e, "not a Diffusers VAE folder")
+    with pytest.raises(CheckpointError) as e:
+        load_vae("someone/some-vae")  # HF_HUB_OFFLINE is set by the test runner
+    _one_line(e, "someone/some-vae", "--vae")
+    with pytest.raises(FileNotFoundError) as e:
+        load_vae(tmp_path / "none.safetensors")
+    _one_line(e, "none.safetensors")
 
 
 def test_checkpoint_without_vae_needs_vae_flag(tmp_path):
