@@ -1,10 +1,10 @@
 """Tokenizing captions and prompts in 75-token chunks and encoding them with the text encoders.
 
 Token layout (as the original trainer): a caption is tokenized without special tokens and cut at
-75 * n tokens (n = max_token_length / 75, 1 when not given). Chunk k is `<BOS>` + tokens[75k:75k+75] + one
-closing token, padded with the tokenizer's pad token to 77. The closing token is `<EOS>` when the chunk is
-full, the EOS that ends the text otherwise sits right after the last token; a chunk past the end of the text
-is `<BOS> <EOS> <PAD>...`. `input_ids` of a batch are (B, n*77) LongTensors, one per tokenizer.
+75 * n tokens (n = max_token_length / 75, 1 when not given). Chunk k is `<BOS>` + tokens[75k:75k+75] +
+`<EOS>`, padded with the tokenizer's pad token to 77 (`<EOS>` for SD1's tokenizer, "!" for OpenCLIP's); a
+chunk past the end of the text is `<BOS> <EOS> <PAD>...`. `input_ids` of a batch are (B, n*77) LongTensors,
+one per tokenizer.
 
 `encode_tokens` runs every chunk through the encoder, then joins the chunks along the sequence keeping the
 first chunk's `<BOS>`, the 75 inner positions of every chunk and the last chunk's final position:
@@ -41,25 +41,21 @@ def _pad_id(tokenizer: Any) -> int:
 
 def build_chunks(tokens: Sequence[int], tokenizer: Any, n_chunks: int,
                  weights: Sequence[float] | None = None) -> tuple[list[int], list[float]]:
-    """Lay raw token ids (no specials) out as n_chunks * 77 ids with BOS/EOS per chunk, and their weights."""
+    """Lay raw token ids (no specials) out as n_chunks * 77 ids with BOS/EOS per chunk, and their weights.
+
+    Decided by position, not by comparing ids, so a text token that equals the pad token ("!" of OpenCLIP)
+    is never mistaken for padding.
+    """
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, _pad_id(tokenizer)
-    limit = CHUNK * n_chunks
-    tokens = list(tokens[:limit])
-    weights = list(weights[:limit]) if weights is not None else [1.0] * len(tokens)
-    # the text, its EOS, then padding: 75n + 1 positions; the last one closes the final chunk
-    seq = tokens + [eos] + [pad] * (limit - len(tokens))
-    wseq = weights + [1.0] * (limit + 1 - len(weights))
+    tokens = list(tokens[:CHUNK * n_chunks])
+    weights = list(weights[:len(tokens)]) if weights is not None else [1.0] * len(tokens)
     ids_out: list[int] = []
     w_out: list[float] = []
     for k in range(n_chunks):
-        ids = [bos] + seq[k * CHUNK:(k + 1) * CHUNK] + [seq[limit]]
-        w = [1.0] + wseq[k * CHUNK:(k + 1) * CHUNK] + [1.0]
-        if ids[-2] not in (eos, pad):  # chunk filled with text: close it with EOS
-            ids[-1] = eos
-        if ids[1] == pad:  # chunk past the text: <BOS> <EOS> <PAD> ...
-            ids[1] = eos
+        text = tokens[k * CHUNK:(k + 1) * CHUNK]
+        ids = [bos] + text + [eos] + [pad] * (CHUNK - len(text))
         ids_out += ids
-        w_out += w
+        w_out += [1.0] + weights[k * CHUNK:(k + 1) * CHUNK] + [1.0] * (CHUNK_LEN - 1 - len(text))
     return ids_out, w_out
 
 

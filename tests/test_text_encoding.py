@@ -54,6 +54,12 @@ def test_three_chunks_with_bos_eos_each(clip_tok, openclip_tok):
     assert over[1, 1:76].tolist() == [A] * 75 and over[1, 76].item() == EOS  # cut at 150 tokens
 
 
+def test_pad_like_text_token_is_not_padding(openclip_tok):
+    ids = tokenize(openclip_tok, "!" * 75, max_token_length=150).reshape(2, 77)  # "!" has the pad id 0
+    assert set(ids[0, 1:76].tolist()) <= {0, 256} and ids[0, 75].item() == 0 and ids[0, 76].item() == EOS
+    assert ids[1, 1].item() == EOS and set(ids[1, 2:].tolist()) == {0}
+
+
 def test_batch_and_count(clip_tok):
     ids = tokenize(clip_tok, ["a", words(80)], max_token_length=150)
     assert ids.shape == (2, 154)
