@@ -159,6 +159,8 @@ class LoRAModule(torch.nn.Module):
         """Fold `multiplier * delta` into the original weight in place (computed in fp32, stored in its dtype).
 
         `sd` holds `lora_down.weight`, `lora_up.weight` and optionally `alpha` (default: this module's own).
+        `device` is where the delta is computed; `dtype` is accepted for kohya's signature (the layer keeps its
+        own dtype and device).
         """
         sd = sd or {}
         down = sd.get("lora_down.weight", self.down_weight())
@@ -169,7 +171,7 @@ class LoRAModule(torch.nn.Module):
         with torch.no_grad():
             delta = self.delta_weight(down.to(device), up.to(device), scale * self.multiplier)
             merged = weight.to(device=device, dtype=torch.float32) + delta
-            weight.data = merged.to(dtype or weight.dtype)
+            weight.copy_(merged)  # in place: the layer keeps its own dtype and device
 
 
 class LoRANetwork(torch.nn.Module):

@@ -269,3 +269,16 @@ def test_fused_forward_matches_reference_values_and_gradients(layer_kind):
     torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
     out.float().sum().backward()
     assert module.lora_up.weight.grad is not None and module.lora_up.weight.grad.dtype == torch.float32
+
+
+def test_merge_keeps_weight_dtype_and_device_and_is_in_place():
+    m, net = make("sd1")
+    randomize(net)
+    m.unet.to(torch.bfloat16)
+    target = net.unet_loras[0].org_module
+    before = target.weight.detach().float().clone()
+    ptr = target.weight.data_ptr()
+    net.merge_to(m.text_encoder, m.unet, net.state_dict(), torch.float16, "cpu")
+    assert target.weight.dtype == torch.bfloat16 and target.weight.data_ptr() == ptr
+    expected = (before + net.unet_loras[0].delta_weight().detach()).to(torch.bfloat16)
+    assert torch.equal(target.weight, expected)
