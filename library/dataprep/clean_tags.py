@@ -21,7 +21,6 @@ import re
 EMOTICON_MAX_LEN = 3  # `^_^`, `o_o`, `>_<` keep their underscore
 
 # Rule 4: groups of per-person attributes. A tag belongs to a group when the pattern matches it entirely.
-HAIR_LENGTHS = {"long hair", "short hair", "medium hair"}
 MULTI_PERSON_GROUPS: dict[str, re.Pattern] = {
     "hair length": re.compile(r"(long|short|medium) hair"),
     "hair cut": re.compile(r"(bob|hime) cut"),
