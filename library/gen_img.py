@@ -297,15 +297,23 @@ class SeedSource:
         return self.iter_seed if self.iter_same_seed else S.random_seed()
 
 
-def jobs_for_prompt(spec: S.PromptSpec, defaults: S.JobDefaults, count: int, seeds: SeedSource) -> list[S.ImageJob]:
-    """`count` jobs of one prompt; `--d a,b,c` gives the seeds in order (the last repeats when short)."""
+def jobs_for_prompt(spec: S.PromptSpec, defaults: S.JobDefaults, count: int, seeds: SeedSource,
+                    variant_rng: random.Random | None = None) -> list[S.ImageJob]:
+    """The jobs of one prompt line: `count` images, or one per dynamic variant (`{a|b}`, `{e$$a|b}`).
+
+    `--d a,b,c` gives the seeds in order (the last repeats when short).
+    """
+    variants = [spec]
+    if spec.raw and "{" in spec.raw:
+        lines = S.expand_dynamic_prompt(spec.raw, count, variant_rng or random.Random())
+        if lines != [spec.raw]:
+            variants = [S.parse_prompt_line(line, spec.index) for line in lines]
+    if len(variants) == 1:
+        variants = variants * count
     jobs = []
-    for k in range(count):
-        if spec.seeds:
-            seed = spec.seeds[min(k, len(spec.seeds) - 1)]
-        else:
-            seed = seeds.next()
-        jobs.append(S.make_job(spec, defaults, seed))
+    for k, variant in enumerate(variants):
+        seed = variant.seeds[min(k, len(variant.seeds) - 1)] if variant.seeds else seeds.next()
+        jobs.append(S.make_job(variant, defaults, seed))
     return jobs
 
 
@@ -375,12 +383,14 @@ def run(args: argparse.Namespace, sdxl: bool, components=None) -> list[str]:
     if args.interactive:
         for spec in _interactive_prompts():  # every prompt starts again from --seed
             seeds = SeedSource(args.seed, args.images_per_prompt, args.iter_same_seed)
-            produce(jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds))
+            produce(jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds, random.Random(args.seed)))
         return written
     seeds = SeedSource(args.seed, args.n_iter * len(specs) * args.images_per_prompt, args.iter_same_seed)
+    variant_rng = random.Random(args.seed)  # dynamic prompt choices: reproducible with --seed
     for iteration in range(args.n_iter):
         seeds.new_iteration()
-        jobs = [job for spec in specs for job in jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds)]
+        jobs = [job for spec in specs
+                for job in jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds, variant_rng)]
         logger.info("iteration %d/%d: %d images", iteration + 1, args.n_iter, len(jobs))
         produce(jobs)
     return written

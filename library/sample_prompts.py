@@ -6,9 +6,12 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ class PromptSpec:
     crop_top: int | None = None  # --ct
     crop_left: int | None = None  # --cl
     index: int = 0  # position in the prompt file (names the sample images)
+    raw: str | None = None  # the line as written (for dynamic prompt variants)
 
     @property
     def seed(self) -> int | None:
@@ -99,7 +103,7 @@ def parse_prompt_line(line: str, index: int = 0) -> PromptSpec:
     value raises ValueError naming the option.
     """
     parts = line.strip().split(" --")
-    spec = PromptSpec(prompt=parts[0].strip(), index=index)
+    spec = PromptSpec(prompt=parts[0].strip(), index=index, raw=line.strip())
     for part in parts[1:]:
         name, _, value = part.strip().partition(" ")
         key = name.lower()
@@ -185,3 +189,49 @@ def read_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
         else:
             raise ValueError(f"prompt file {path}, entry {i}: expected a string or an object, got {type(entry).__name__}")
     return specs
+
+
+# {[e$$][count or range$$][separator$$]variant|variant|...}
+_DYNAMIC = re.compile(r"\{((e|E)\$\$)?(([\d\-]+)\$\$)?(([^|}]+?)\$\$)?(.+?((\|).+?)*?)\}")
+
+
+def expand_dynamic_prompt(line: str, repeat_count: int, rng: random.Random) -> list[str]:
+    """sd-scripts' dynamic prompts: `{a|b|c}` picks one variant per image (`repeat_count` lines);
+    `{e$$a|b|c}` enumerates every variant (one line each); `{2$$a|b|c}` / `{1-3$$...}` pick that many,
+    joined by ", " or by the separator given as `{2$$ and $$a|b|c}`. A line without braces is returned as is.
+    """
+    groups = list(_DYNAMIC.finditer(line))
+    if not groups:
+        return [line]
+    choosers = [_variant_chooser(m) for m in groups]
+    enumerated = [m.group(2) is not None for m in groups]
+    if not any(enumerated):
+        lines = []
+        for _ in range(repeat_count):
+            current = line
+            for m, choose in zip(groups, choosers):
+                current = current.replace(m.group(0), choose(rng)[0], 1)
+            lines.append(current)
+        return lines
+    lines = [line]
+    for m, choose, enum in zip(groups, choosers, enumerated):
+        if enum:
+            lines = [current.replace(m.group(0), value, 1) for current in lines for value in choose(rng)]
+    for m, choose, enum in zip(groups, choosers, enumerated):
+        if not enum:
+            lines = [current.replace(m.group(0), choose(rng)[0], 1) for current in lines]
+    return lines
+
+
+def _variant_chooser(m: re.Match):
+    variants = m.group(7).split("|")
+    separator = ", " if m.group(6) is None else m.group(6)
+    low, high = 1, 1
+    if m.group(4) is not None:
+        bounds = [int(x) for x in m.group(4).split("-") if x != ""] or [1]
+        low, high = min(bounds[0], bounds[-1]), max(bounds[0], bounds[-1])
+        low, high = max(0, low), min(len(variants), high)
+    if m.group(2) is not None:
+        values = [separator.join(c) for n in range(low, high + 1) for c in itertools.combinations(variants, n)]
+        return lambda rng: values
+    return lambda rng: [separator.join(rng.sample(variants, rng.randint(low, high)))]

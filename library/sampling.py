@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from library.sample_prompts import (  # noqa: F401  (re-exported: the sampling API)
-    PROMPT_OPTIONS, SAMPLERS, PromptSpec, canonical_sampler, parse_prompt_line, prompt_from_dict, read_prompt_file)
+    PROMPT_OPTIONS, SAMPLERS, PromptSpec, canonical_sampler, expand_dynamic_prompt, parse_prompt_line, prompt_from_dict,
+    read_prompt_file)
 
 logger = logging.getLogger(__name__)
 

@@ -199,3 +199,17 @@ def test_scripts_end_to_end_on_saved_models(tmp_path):
     with pytest.raises(SystemExit, match="SDXL"):  # the SD script refuses an SDXL model
         gen_img.main(["--ckpt", str(tmp_path / "xl"), "--outdir", str(tmp_path / "x2"), "--prompt", "x",
                       "--W", "64", "--H", "64", "--steps", "1", "--device", "cpu"])
+
+
+def test_dynamic_prompts(tmp_path):
+    paths = _run(tmp_path, ["--prompt", "a {e$$cat|dog} --d 3 --n {ugly|bad}", "--images_per_prompt", "5"])
+    infos = [dict(Image.open(p).text) for p in paths]
+    assert [i["prompt"] for i in infos] == ["a cat", "a dog"]  # enumeration: one image per variant
+    assert all(i["seed"] == "3" and i["negative-prompt"] in ("ugly", "bad") for i in infos)
+    picked = _run(tmp_path, ["--prompt", "a {red|blue} cat", "--images_per_prompt", "6", "--seed", "1"],
+                  outdir="picked")
+    again = _run(tmp_path, ["--prompt", "a {red|blue} cat", "--images_per_prompt", "6", "--seed", "1"],
+                 outdir="again")
+    prompts = [Image.open(p).text["prompt"] for p in picked]
+    assert len(prompts) == 6 and set(prompts) <= {"a red cat", "a blue cat"}
+    assert prompts == [Image.open(p).text["prompt"] for p in again]  # reproducible with --seed

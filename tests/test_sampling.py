@@ -233,3 +233,15 @@ def test_sample_images_with_training_network(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert S.sample_images(comps, tmp_path / "missing.txt", tmp_path, 4) == []
     assert "no sample images at step 4" in caplog.text and "missing.txt" in caplog.text
+
+
+def test_dynamic_prompt_variants():
+    rng = random.Random(0)
+    picks = S.expand_dynamic_prompt("a {cat|dog|fox} --w 64", 20, rng)
+    assert len(picks) == 20 and set(picks) == {"a cat --w 64", "a dog --w 64", "a fox --w 64"}
+    assert S.expand_dynamic_prompt("a {e$$cat|dog} in {e$$red|blue}", 1, rng) == [
+        "a cat in red", "a cat in blue", "a dog in red", "a dog in blue"]
+    assert S.expand_dynamic_prompt("{e$$1-2$$ and $$x|y}", 1, rng) == ["x", "y", "x and y"]
+    two = S.expand_dynamic_prompt("{2$$x|y|z}", 5, rng)
+    assert all(len(p.split(", ")) == 2 and len(set(p.split(", "))) == 2 for p in two)
+    assert S.expand_dynamic_prompt("no braces --d 1", 3, rng) == ["no braces --d 1"]
