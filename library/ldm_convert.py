@@ -164,7 +164,7 @@ def _shape(shapes: Mapping[str, Any], key: str, source: str) -> tuple[int, ...]:
     return tuple(shapes[key])
 
 
-def test_sized(width: int) -> bool:
+def is_test_size(width: int) -> bool:
     """True for the project's tiny test models (first UNet / VAE width under 64)."""
     return width < 64
 
@@ -199,7 +199,7 @@ def unet_config_from_shapes(shapes: Mapping[str, Any], family: str, te2_projecti
     linear = len(shapes[proj_in]) == 2
     cross_dim = _shape(shapes, next(k for k in shapes if k.startswith(P) and k.endswith("attn2.to_k.weight")), source)[1]
     width = channels[0]
-    tiny = test_sized(width)
+    tiny = is_test_size(width)
     if family == "sd1":
         heads: Any = min(8, width // 8)
     else:
@@ -239,7 +239,7 @@ def vae_config_from_shapes(shapes: Mapping[str, Any], family: str, prefix: str =
         raise CheckpointError(f"{source}: no VAE tensors ({P}encoder.down.*)")
     channels = [_shape(shapes, P + f"encoder.down.{i}.block.0.conv1.weight", source)[0] for i in levels]
     width = channels[0]
-    sample = 64 if test_sized(width) else (1024 if family == "sdxl" else 768 if v_parameterization else 512)
+    sample = 64 if is_test_size(width) else (1024 if family == "sdxl" else 768 if v_parameterization else 512)
     return {
         "in_channels": _shape(shapes, P + "encoder.conv_in.weight", source)[1],
         "out_channels": _shape(shapes, P + "decoder.conv_out.weight", source)[0],

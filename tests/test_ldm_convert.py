@@ -239,3 +239,11 @@ def test_bf16_file_loads_in_the_requested_dtype(tmp_path):
     assert {p.dtype for m in [comps.unet, comps.vae, *comps.text_encoders] for p in m.parameters()} == {torch.bfloat16}
     key = "model.diffusion_model.input_blocks.0.0.weight"
     assert torch.equal(comps.unet.conv_in.weight, sd[key])
+
+
+def test_in_memory_state_dict_conversion_matches_the_loader():
+    sd = load_file(str(tiny_model_path("sd2")))
+    converted = lc.ldm_state_dict_to_diffusers(sd)
+    comps = load_models(tiny_model_path("sd2"), **load_kwargs("sd2"))
+    for component, model in [("unet", comps.unet), ("vae", comps.vae), ("text_encoder", comps.text_encoder)]:
+        _assert_same_tensors(converted[component], dict(model.state_dict()))
