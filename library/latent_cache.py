@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -151,6 +152,28 @@ def encode_images(vae: Any, images: list[np.ndarray], generator: torch.Generator
     return latents
 
 
+def _cache_file(image_path: str, bucket_reso: tuple[int, int], shared: bool) -> str:
+    """`name.npz`; `name_<w>x<h>.npz` when the image is trained at several buckets (several datasets)."""
+    if not shared:
+        return npz_path(image_path)
+    return os.path.splitext(image_path)[0] + f"_{bucket_reso[0]}x{bucket_reso[1]}.npz"
+
+
+def _cache_units(group: "DatasetGroup") -> list[tuple[str, bool, list]]:
+    """One unit per (image, bucket, resize): its cache file, whether a flipped latent is needed, its infos."""
+    units: dict[tuple, list] = {}
+    for ds in group.datasets:
+        for info in ds.images:
+            units.setdefault((info.path, info.bucket_reso, info.resized_size), []).append((ds, info))
+    per_path = Counter(key[0] for key in units)
+    out = []
+    for (path, reso, _), members in units.items():
+        members.sort(key=lambda m: not m[1].subset.alpha_mask)  # the first member decides alpha loading
+        flip = any(info.subset.flip_aug for _, info in members)
+        out.append((_cache_file(path, reso, per_path[path] > 1), flip, members))
+    return out
+
+
 def cache_group_latents(group: "DatasetGroup", vae: Any, vae_batch_size: int = 1, to_disk: bool = False,
                         device: str | torch.device | None = None, progress: bool = True, seed: int | None = None) -> None:
     """Cache the latents of every image of `group` (valid disk caches are reused), batched by bucket."""
@@ -164,49 +187,44 @@ def cache_group_latents(group: "DatasetGroup", vae: Any, vae_batch_size: int = 1
     if device is not None:
         vae.to(device)
     fingerprint = vae_fingerprint(vae)
-    todo: list = []
-    reused = 0
-    seen: set[int] = set()
-    for ds in group.datasets:
-        for info in ds.images:
-            if id(info) in seen:
-                continue
-            seen.add(id(info))
-            if to_disk:
-                path = npz_path(info.path)
-                if cache_is_valid(path, info, fingerprint):
-                    info.npz_path, info.latents = path, None
-                    reused += 1
-                    continue
-            elif info.latents is not None:
-                continue
-            todo.append((ds, info))
+    todo, reused = [], 0
+    for path, flip, members in _cache_units(group):
+        info = members[0][1]
+        if to_disk and is_valid(path, info.bucket_reso, flip, expected_crop(info), info.subset.alpha_mask, fingerprint):
+            for _, m in members:
+                m.npz_path, m.latents = path, None
+            reused += 1
+        elif to_disk or info.latents is None:
+            todo.append((path, flip, members))
     if reused:
         logger.info("reusing %d cached latent files", reused)
-    todo.sort(key=lambda t: (t[1].bucket_reso, t[1].path))
-    batches = []
-    for item in todo:
-        if batches and batches[-1][-1][1].bucket_reso == item[1].bucket_reso and len(batches[-1]) < vae_batch_size:
-            batches[-1].append(item)
+    todo.sort(key=lambda t: (t[2][0][1].bucket_reso, t[0]))
+    batches: list[list] = []
+    for unit in todo:
+        if batches and batches[-1][-1][2][0][1].bucket_reso == unit[2][0][1].bucket_reso \
+                and len(batches[-1]) < vae_batch_size:
+            batches[-1].append(unit)
         else:
-            batches.append([item])
+            batches.append([unit])
     param = next(vae.parameters())
     generator = torch.Generator(device=param.device).manual_seed(group.seed if seed is None else seed)
     for batch in tqdm(batches, desc="caching latents", disable=not progress or not batches):
-        loaded = [load_training_image(info, ds.config.enable_bucket, None, random_crop=False) for ds, info in batch]
-        names = ", ".join(os.path.basename(info.path) for _, info in batch)
+        firsts = [members[0] for _, _, members in batch]
+        loaded = [load_training_image(info, ds.config.enable_bucket, None, random_crop=False) for ds, info in firsts]
         try:
             latents = encode_images(vae, [ld.image for ld in loaded], generator)
-            need_flip = any(info.subset.flip_aug for _, info in batch)
+            need_flip = any(flip for _, flip, _ in batch)
             flipped = encode_images(vae, [ld.image[:, ::-1] for ld in loaded], generator) if need_flip else None
         except FloatingPointError as e:
-            raise FloatingPointError(f"{names}: {e}") from None
-        for k, ((_, info), ld) in enumerate(zip(batch, loaded)):
-            lat_f = flipped[k] if flipped is not None and info.subset.flip_aug else None
+            raise FloatingPointError(f"{', '.join(os.path.basename(i.path) for _, i in firsts)}: {e}") from None
+        for k, ((path, flip, members), ld) in enumerate(zip(batch, loaded)):
+            lat_f = flipped[k] if flip else None
+            info = members[0][1]
             if to_disk:
-                path = npz_path(info.path)
                 save(path, latents[k], expected_crop(info), info.bucket_reso, lat_f, ld.alpha, fingerprint)
-                info.npz_path, info.latents = path, None
-            else:
-                info.latents, info.latents_flipped = latents[k].clone(), None if lat_f is None else lat_f.clone()
-                info.alpha_mask = None if ld.alpha is None else torch.from_numpy(ld.alpha)
+            alpha = None if ld.alpha is None else torch.from_numpy(ld.alpha)
+            for _, m in members:
+                if to_disk:
+                    m.npz_path, m.latents = path, None
+                else:
+                    m.latents, m.latents_flipped, m.alpha_mask = latents[k].clone(), lat_f, alpha

@@ -153,3 +153,23 @@ def test_truncated_cache_file_is_recomputed(tmp_path, vae):
     v = CountingVAE(vae)
     group(tmp_path).cache_latents(v, cache_to_disk=True, progress=False)
     assert v.encoded == 1 and latent_cache.is_valid(path, (64, 64), flip_aug=False)
+
+
+def test_image_in_two_datasets_gets_one_file_per_bucket(tmp_path, vae):
+    from tests.data_helpers import write_toml
+
+    make_images(tmp_path / "imgs", 2)
+    toml = write_toml(tmp_path / "multi.toml", "".join(
+        f"[[datasets]]\nresolution = {r}\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'imgs'}'\n"
+        f"flip_aug = {str(r == 64).lower()}\n" for r in (64, 128)))
+    g = build_dataset_group(parse("--dataset_config", toml), None)
+    v = CountingVAE(vae)
+    g.cache_latents(v, cache_to_disk=True, progress=False)
+    assert v.encoded == 2 * 2 + 2  # four units, the 64 px ones also flipped
+    names = sorted(p for p in os.listdir(tmp_path / "imgs") if p.endswith(".npz"))
+    assert names == ["img0_128x128.npz", "img0_64x64.npz", "img1_128x128.npz", "img1_64x64.npz"]
+    assert all(i.npz_path for i in g.images)
+    assert g[0]["latents"].shape[-1] in (8, 16)
+    v2 = CountingVAE(vae)
+    build_dataset_group(parse("--dataset_config", toml), None).cache_latents(v2, cache_to_disk=True, progress=False)
+    assert v2.encoded == 0
