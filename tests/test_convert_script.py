@@ -116,3 +116,26 @@ def test_bad_inputs_and_overwrite(tmp_path):
     with pytest.raises(SystemExit, match=r"--tokenizer_cache_dir"):
         convert.main([str(src), str(tmp_path / "diffusers_out"), "--tokenizer_cache_dir", str(tmp_path / "empty")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_make_tiny_model_full_size_writes_the_real_layout(tmp_path, monkeypatch):
+    """--size full, checked on the meta device: the save receives the real SDXL models (2515 tensors)."""
+    import library.model_loading as ml
+    from library import ldm_convert as lc
+    from library.sd_configs import build_models
+
+    seen = {}
+
+    def fake_save(comps, path, *args, **kwargs):
+        seen["sd"] = lc.models_to_ldm(comps.arch, comps.unet, comps.vae, comps.text_encoders)
+        seen["path"] = Path(path)
+
+    monkeypatch.setattr(make_tiny_model, "build_models",
+                        lambda arch, size, seed=0: build_models(arch, size, seed=seed, meta=True))
+    monkeypatch.setattr(ml, "save_models", fake_save)
+    make_tiny_model.main(["--arch", "sdxl", "--size", "full", "--output", str(tmp_path / "xl.safetensors")])
+    assert seen["path"] == tmp_path / "xl.safetensors" and len(seen["sd"]) == 2515
+    assert tuple(seen["sd"]["model.diffusion_model.label_emb.0.0.weight"].shape) == (1280, 2816)
+    assert (tmp_path / "xl_tokenizers" / "openai_clip-vit-large-patch14").is_dir()
+    with pytest.raises(SystemExit, match="needs a .safetensors or .ckpt name"):
+        make_tiny_model.main(["--arch", "sd1", "--output", str(tmp_path / "folder")])
