@@ -49,10 +49,6 @@ def _number(v: Any) -> float:
     return float(v)
 
 
-def _int_or_number(v: Any) -> float:
-    return _number(v)
-
-
 def _string(v: Any) -> str:
     if not isinstance(v, str):
         raise vol.Invalid(f"expected a string, got {v!r}")
@@ -105,7 +101,7 @@ SUBSET_ASCENDABLE: dict[str, Callable] = {
     "face_crop_aug_range": _float_pair,
     "random_crop": _strict_bool,
     "token_warmup_min": _strict_int,
-    "token_warmup_step": _int_or_number,
+    "token_warmup_step": _number,
     "caption_extension": _string,
     "class_tokens": _string,
     "cache_info": _strict_bool,
@@ -419,7 +415,10 @@ def _from_toml(path: str, args: argparse.Namespace) -> DataConfig:
 
 def _locate(p: str | None, toml_dir: Path) -> str | None:
     """Paths are relative to the working folder (as the original); fall back to the TOML's folder."""
-    if p is None or os.path.exists(p) or os.path.isabs(p):
+    if p is None:
+        return p
+    p = os.path.expanduser(p)
+    if os.path.exists(p) or os.path.isabs(p):
         return p
     alt = toml_dir / p
     if alt.exists():
