@@ -135,6 +135,7 @@ def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, to
                   disable=None) as bar:
             for component, model in models.items():
                 _fill(model, component, reader, layout, dtype, device, str(path), bar)
+        _log_unused_keys(path, shapes, models, layout)
         tes = [models[n] for n in lc.TE_COMPONENTS[: len(layout.text_encoder_configs)]]
         for i, te in enumerate(tes):
             extra = lc.extra_ldm_keys(layout, i, list(shapes))
@@ -162,6 +163,25 @@ def detect_model_family(path: str | os.PathLike) -> str:
 
     with TensorFile(p) as reader:
         return lc.detect_family(reader.keys(), str(p))
+
+
+# Noise-schedule buffers of the original training code, found in old .ckpt files; not model weights.
+_SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                     "posterior_mean_coef1", "posterior_mean_coef2", "logvar"}
+
+
+def _log_unused_keys(path: Path, shapes: Mapping[str, Any], models: Mapping[str, torch.nn.Module],
+                     layout: lc.LdmLayout) -> None:
+    used = {lc.ldm_param_for(c, n, layout).key for c, m in models.items() for n in m.state_dict()}
+    for i in range(len(layout.te_prefixes)):
+        used.update(lc.extra_ldm_keys(layout, i, list(shapes)))
+    unused = [k for k in shapes if k not in used and k not in _SCHEDULE_BUFFERS and not k.startswith("model_ema.")
+              and not k.endswith("position_ids") and not (k.startswith(lc.VAE_PREFIX) and "vae" not in models)]
+    if unused:
+        logger.warning("%s: %d tensors are not part of the model and were ignored (e.g. %s)", path, len(unused),
+                       ", ".join(unused[:3]))
 
 
 def _scheduler_config(v_param: bool) -> dict[str, Any]:

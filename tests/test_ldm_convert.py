@@ -211,7 +211,7 @@ def test_sd2_file_only_tensors_are_kept_or_made_by_convention(tmp_path):
     _assert_same_tensors(sd, load_file(str(tmp_path / "again.safetensors")))
 
 
-def test_file_variants_found_in_the_wild_load_the_same_weights(tmp_path):
+def test_file_variants_found_in_the_wild_load_the_same_weights(tmp_path, caplog):
     """Old `cond_stage_model.transformer.*` names, no position_ids, fp16, `state_dict` wrapper, EMA copy."""
     sd = load_file(str(tiny_model_path("sd1")))
     reference = load_models(tiny_model_path("sd1"), **load_kwargs("sd1"))
@@ -222,8 +222,12 @@ def test_file_variants_found_in_the_wild_load_the_same_weights(tmp_path):
         old[k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")] = v.half()
     old["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros(16, 4, 3, 3)
     old["model_ema.num_updates"] = torch.tensor(5)
+    old["alphas_cumprod"] = torch.linspace(1, 0, 1000)
+    old["model.diffusion_model.stray.weight"] = torch.zeros(1)
     torch.save({"state_dict": old, "global_step": 10}, tmp_path / "old.ckpt")
-    comps = load_models(tmp_path / "old.ckpt", **load_kwargs("sd1"))
+    with caplog.at_level("WARNING"):
+        comps = load_models(tmp_path / "old.ckpt", **load_kwargs("sd1"))
+    assert "1 tensors are not part of the model and were ignored (e.g. model.diffusion_model.stray.weight)" in caplog.text
     for got, want in [(comps.unet, reference.unet), (comps.text_encoder, reference.text_encoder),
                       (comps.vae, reference.vae)]:
         g, w = got.state_dict(), want.state_dict()
