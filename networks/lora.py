@@ -9,7 +9,6 @@ delta into the weights instead. Names of modules and keys come from `networks.lo
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -17,10 +16,10 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from library.file_io import CheckpointError, load_state_dict, save_state_dict
+from library.file_io import load_state_dict
 from networks import lora_blocks
-from networks.lora_names import (LoRANameResolver, LoRATarget, guess_file_family, is_sdxl_unet,
-                                 lora_names_in, lora_targets, split_key)
+from networks.lora_files import conform_shapes, normalize_weights, safetensors_hashes, save_lora_file  # noqa: F401
+from networks.lora_names import LoRANameResolver, LoRATarget, is_sdxl_unet, lora_targets, split_key
 
 logger = logging.getLogger(__name__)
 
@@ -397,105 +396,6 @@ class LoRANetwork(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# files
-
-
-def safetensors_hashes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[str, str]:
-    """kohya's (`sshs_model_hash`, `sshs_legacy_hash`): sha256 of the tensor data of the safetensors encoding with
-    only the `ss_*` metadata, and the legacy hash (sha256 of 64 KiB at 1 MiB, first 8 hex digits)."""
-    from safetensors.torch import save
-
-    ss_metadata = {k: str(v) for k, v in (metadata or {}).items() if k.startswith("ss_")}
-    blob = save({k: v.contiguous() for k, v in state_dict.items()}, metadata=ss_metadata)
-    header_len = int.from_bytes(blob[:8], "little")
-    model_hash = hashlib.sha256(memoryview(blob)[8 + header_len:]).hexdigest()
-    legacy_hash = hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8]
-    return model_hash, legacy_hash
-
-
-def save_lora_file(state_dict: Mapping[str, torch.Tensor], file: str | os.PathLike, dtype: torch.dtype | None = None,
-                   metadata: Mapping[str, str] | None = None) -> None:
-    """Write a LoRA state dict atomically; safetensors files get `metadata` plus the two `sshs_*` hashes."""
-    sd = {k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu())
-          .contiguous() for k, v in state_dict.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    if str(file).lower().endswith(".safetensors"):
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(sd, meta)
-    save_state_dict(sd, file, metadata=meta)
-
-
-def _family(network_or_sdxl) -> str:
-    sdxl = network_or_sdxl if isinstance(network_or_sdxl, bool) else network_or_sdxl.is_sdxl
-    return "SDXL" if sdxl else "SD1/SD2"
-
-
-def normalize_weights(sd: Mapping[str, torch.Tensor], network: LoRANetwork | None = None, *,
-                      resolver: LoRANameResolver | None = None, source: str = "<weights>") -> dict[str, torch.Tensor]:
-    """Check a LoRA state dict against the models and return it under canonical names.
-
-    Aliased names are renamed; 1x1-conv / linear weights are reshaped to the module's layout; keys naming no
-    layer are reported (a warning listing them) and left out; a file for another model family or with wrong
-    shapes raises CheckpointError naming the file, key and shapes.
-    """
-    modules = {}
-    if network is not None:
-        modules = {lora.lora_name: lora for lora in network.text_encoder_loras + network.unet_loras}
-    names = lora_names_in(sd.keys())
-    if resolver is None and network is None:
-        raise ValueError("normalize_weights needs a network or a resolver")
-
-    def canonical(name: str) -> str | None:
-        if resolver is not None:
-            return resolver.canonical(name)
-        if name in modules:
-            return name
-        return None
-
-    out: dict[str, torch.Tensor] = {}
-    unmatched: list[str] = []
-    for key, value in sd.items():
-        name, rest = split_key(key)
-        new_name = canonical(name)
-        if new_name is None:
-            unmatched.append(key)
-            continue
-        out[f"{new_name}.{rest}"] = value
-    sdxl = resolver.sdxl if resolver is not None else network.is_sdxl
-    if not out:
-        raise CheckpointError(f"{source}: no key matches a LoRA layer of this {_family(sdxl)} model; the file looks "
-                              f"like a LoRA for {guess_file_family(names)} ({len(names)} modules, e.g. "
-                              f"{names[0] if names else 'none'})")
-    _check_family(names, sdxl, source)
-    if unmatched:
-        logger.warning("%s: %d keys match no LoRA layer of this model and are ignored: %s", source, len(unmatched),
-                       ", ".join(unmatched))
-    if network is not None:
-        _conform_shapes(out, network.state_dict(), source, sdxl)
-    return out
-
-
-def _check_family(names: list[str], sdxl: bool, source: str) -> None:
-    te_names = [n for n in names if n.startswith("lora_te")]
-    wants = ("lora_te1_", "lora_te2_") if sdxl else ("lora_te_",)
-    wrong = [n for n in te_names if not n.startswith(wants)]
-    if wrong:
-        raise CheckpointError(f"{source}: text-encoder key {wrong[0]} is for a {guess_file_family(names)} model, but "
-                              f"this model is {_family(sdxl)} (expects {' / '.join(wants)} names)")
-
-
-def _conform_shapes(sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str, sdxl: bool) -> None:
-    for key, value in sd.items():
-        want = expected.get(key)
-        if want is None or value.shape == want.shape:
-            continue
-        if value.numel() == want.numel() and value.dim() != want.dim() and key.endswith("weight"):
-            sd[key] = value.reshape(want.shape)  # a 1x1 conv stored as linear (or the reverse) by another trainer
-            continue
-        raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, this {_family(sdxl)} model needs "
-                              f"{tuple(want.shape)}; the LoRA was made for another model or architecture")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # construction
 
 
@@ -555,7 +455,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         sd.setdefault(f"{name}.alpha", torch.tensor(float(dim)))
     network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=dims, modules_alpha=alphas,
                           module_class=module_class)
-    _conform_shapes(sd, network.state_dict(), source, resolver.sdxl)
+    conform_shapes(sd, network.state_dict(), source, resolver.sdxl)
     if any(k in kwargs for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
         lr_args = lora_blocks.parse_network_args(kwargs, None, None, resolver.sdxl)
         network.set_block_lr_weight(lr_args.block_lr_weights)
