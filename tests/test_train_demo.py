@@ -1,0 +1,38 @@
+"""The README's demo (examples/tiny_lora + run_demo.sh's arguments) and the docs' worked example, in process."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from library.file_io import read_metadata
+from tests.train_helpers import reset_accelerate, tiny_model_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_config_trains_and_prints_where_outputs_are(tmp_path, capsys, monkeypatch):
+    from library.network_trainer import main
+
+    monkeypatch.chdir(ROOT)
+    reset_accelerate()
+    out = tmp_path / "tiny_lora"
+    main(["--config_file", "examples/tiny_lora/args.toml", "--dataset_config", "examples/tiny_lora/dataset.toml",
+          "--pretrained_model_name_or_path", tiny_model_dir(), "--output_dir", str(out),
+          "--max_train_epochs", "2", "--sample_every_n_epochs", "1"])
+    printed = capsys.readouterr().out
+    assert f"LoRA saved: {out / 'tiny_lora.safetensors'}" in printed
+    assert f"sample images: {out / 'sample'}" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["sample", "tiny_lora-state", "tiny_lora.safetensors"]
+    assert len(os.listdir(out / "sample")) == 4  # 2 prompts x 2 epochs
+    meta = read_metadata(out / "tiny_lora.safetensors")
+    assert meta["ss_steps"] == "32" and meta["ss_network_dim"] == "8" and meta["ss_lr_scheduler"] == "cosine"
+    assert '"4_sks shape": {"n_repeats": 4, "img_count": 8}' in meta["ss_dataset_dirs"]
+
+
+def test_run_demo_script_uses_the_bundled_files():
+    script = (ROOT / "run_demo.sh").read_text()
+    assert "accelerate\" launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no" in script
+    for path in ("examples/tiny_lora/args.toml", "examples/tiny_lora/dataset.toml", "tools/make_tiny_model.py"):
+        assert path in script and (ROOT / path).exists()
+    images = list((ROOT / "examples/tiny_lora/images/4_sks shape").glob("*.png"))
+    assert len(images) == 8 and all(p.with_suffix(".caption").exists() for p in images)
