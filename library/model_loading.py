@@ -50,8 +50,12 @@ def load_models(path: str | os.PathLike, *, v2: bool = False, sdxl: bool | None 
     `with_tokenizers=False` skips the tokenizers (`components.tokenizers` is then empty).
     """
     dtype = dtype or torch.float32
-    path_str = str(path)
+    path_str = os.path.expanduser(str(path))
     p = Path(path_str)
+    if vae is not None:
+        vae = os.path.expanduser(str(vae))
+        if not Path(vae).exists() and _looks_like_path(vae):  # checked before the model loads
+            raise FileNotFoundError(f"{vae}: no such VAE file or folder (--vae)")
     args = (v2, sdxl, v_parameterization, tokenizer_cache_dir if with_tokenizers else False, dtype, device, vae is None)
     if p.is_file():
         comps = _load_single_file(p, *args)

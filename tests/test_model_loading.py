@@ -194,6 +194,9 @@ def test_separate_vae_in_every_format(tmp_path):
         vae = load_vae(source)
         got = vae.state_dict()
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), source
+    with pytest.raises(FileNotFoundError) as e:
+        load_models(tiny_model_path("sd1"), vae=tmp_path / "nope.safetensors", **load_kwargs("sd1"))
+    _one_line(e, "nope.safetensors", "--vae")
     comps = load_models(tiny_model_path("sd1"), vae=vae_only, **load_kwargs("sd1"))
     assert torch.equal(comps.vae.decoder.conv_out.weight, donor.vae.decoder.conv_out.weight)
     assert load_vae(vae_only, family="sdxl").config.scaling_factor == 0.13025
