@@ -8,6 +8,7 @@ then runs each tool in its own process (so its peak RSS is its own, read from `o
 | case | command |
 | --- | --- |
 | merge_into_model | merge_lora.py --sd_model base --models lora_a --ratios 0.8 |
+| merge_into_model_cold | the same with an empty LoRA target-table cache (first run for a model size) |
 | merge_two_loras | merge_lora.py --models lora_a lora_b --ratios 0.6 0.4 |
 | svd_merge_rank4 | svd_merge_lora.py --models lora_a lora_c --new_rank 4 (ranks 4 and 8) |
 | extract_dim4 | extract_lora_from_models.py --model_org base --model_tuned merged --dim 4 |
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 TARGETS = {  # full SD1.5 size, from the issue: (seconds, GiB peak RSS or None)
     "merge_into_model": (11.0, 6.2),
+    "merge_into_model_cold": (11.0, 6.2),
     "merge_two_loras": (2.0, None),
     "svd_merge_rank4": (28.0, 1.3),
     "extract_dim4": (36.0, 6.2),
@@ -61,13 +64,13 @@ def random_lora_file(arch: str, size: str, rank: int, path: Path, seed: int, con
     save_file(sd, str(path), metadata={"ss_network_dim": str(rank), "ss_network_module": "networks.lora"})
 
 
-def run_measured(argv: list[str]) -> dict:
+def run_measured(argv: list[str], extra_env: dict | None = None) -> dict:
     """Run a tool in a child process; its wall time and peak RSS (GiB).
 
     Linux keeps a process's RSS high-water mark across fork + exec, so the parent must stay small (it never
     imports torch: the models are prepared in another child) for `ru_maxrss` to be the tool's own peak.
     """
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -86,6 +89,8 @@ def cases(work: Path) -> dict[str, list[str]]:
     return {
         "merge_into_model": ["networks/merge_lora.py", "--sd_model", f("base.safetensors"), "--models",
                              f("lora_a.safetensors"), "--ratios", "0.8", "--save_to", f("merged.safetensors")],
+        "merge_into_model_cold": ["networks/merge_lora.py", "--sd_model", f("base.safetensors"), "--models",
+                                  f("lora_a.safetensors"), "--ratios", "0.8", "--save_to", f("merged_cold.safetensors")],
         "merge_two_loras": ["networks/merge_lora.py", "--models", f("lora_a.safetensors"), f("lora_b.safetensors"),
                             "--ratios", "0.6", "0.4", "--save_to", f("ab.safetensors")],
         "svd_merge_rank4": ["networks/svd_merge_lora.py", "--models", f("lora_a.safetensors"), f("lora_c.safetensors"),
@@ -101,13 +106,24 @@ def prepare(arch: str, size: str, work: Path) -> None:
     from tools.make_tiny_model import make_model
 
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("merged", "ab", "svd", "extracted", "resized"):
+    for name in ("merged", "merged_cold", "ab", "svd", "extracted", "resized"):
         (work / f"{name}.safetensors").unlink(missing_ok=True)
     if not (work / "base.safetensors").exists():
         make_model(arch, size, "ldm", work / "base.safetensors", seed=0)
     random_lora_file(arch, size, 4, work / "lora_a.safetensors", seed=1)
     random_lora_file(arch, size, 4, work / "lora_b.safetensors", seed=2)
     random_lora_file(arch, size, 8, work / "lora_c.safetensors", seed=3, conv=True)
+    warm_target_cache(work / "base.safetensors")
+
+
+def warm_target_cache(model: Path) -> None:
+    """Build the on-disk LoRA target table of the model once, as any earlier run of a tool would have."""
+    from library import ldm_convert as lc
+    from library.tensor_stream import TensorFile
+    from networks.lora_checkpoint_ops import read_shapes, target_table
+
+    with TensorFile(model) as f:
+        target_table(lc.infer_layout(read_shapes(f), str(model)))
 
 
 def format_table(results: dict[str, dict], size: str) -> str:
@@ -144,7 +160,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 cmd.append("--sdxl")
         if args.arch == "sd2" and case in ("merge_into_model", "extract_dim4"):
             cmd.append("--v2")
-        results[case] = run_measured(cmd)
+        # "_cold": an empty target-table cache, as on the first run ever for this model size
+        cold = {"SD_LORA_SUITE_CACHE": str(work / "empty_cache")} if case.endswith("_cold") else None
+        if cold:
+            shutil.rmtree(work / "empty_cache", ignore_errors=True)
+        results[case] = run_measured(cmd, cold)
     print(format_table(results, args.size))
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "size": args.size, "results": results}, indent=2))

@@ -11,7 +11,6 @@ Neither builds the models. The LoRA module names come from `networks.lora_names.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,11 +24,10 @@ from tqdm import tqdm
 from library import ldm_convert as lc
 from library.file_io import CheckpointError, atomic_path
 from library.model_loading import check_family
-from library.sd_configs import build_text_encoder
 from library.tensor_stream import SafetensorsWriter, TensorFile
 from networks.lora_math import (ALPHA, DOWN, FAMILY_NAMES, UP, LoRAFile, check_same_family, dims_metadata,
                                 factorize, fit_to_weight, open_loras, source_record)
-from networks.lora_names import LoRANameResolver, lora_targets
+from networks.lora_target_tables import target_table
 
 logger = logging.getLogger(__name__)
 
@@ -64,69 +62,12 @@ def checkpoint_layout(f: TensorFile, family: str, v_parameterization: bool = Fal
     return lc.infer_layout(shapes, str(f.path), v_parameterization, found)
 
 
-def _meta_models(layout: lc.LdmLayout):
-    """UNet and text encoders of the layout on the meta device (names and shapes only, no memory).
-
-    Like `library.model_loading.empty_models_for_layout` without the VAE, importing only the UNet module of
-    diffusers: `from diffusers import ...` loads every model class, seconds of start-up these tools do not need.
-    """
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**layout.unet_config)
-        tes = [build_text_encoder(cfg) for cfg in layout.text_encoder_configs]
-    return unet, tes
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("SD_LORA_SUITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sd-lora-suite")
-    return Path(base) / "lora_targets"
-
-
-def _table_key(layout: lc.LdmLayout) -> str:
-    """Hash of the model configs and of the code that names targets (a change there invalidates the cache)."""
-    from networks import lora_names
-    from library import unet_layout
-
-    h = hashlib.sha256(json.dumps([layout.unet_config, layout.text_encoder_configs, layout.is_sdxl],
-                                  sort_keys=True, default=str).encode())
-    for module in (lora_names, unet_layout):
-        h.update(Path(module.__file__).read_bytes())
-    return h.hexdigest()[:24]
-
-
-def target_table(layout: lc.LdmLayout) -> dict:
-    """{"targets": [[name, component, path, kind, weight shape, c3lier_only], ...], "aliases": {alias: name}}.
-
-    Computed from `lora_names` on meta-device models and cached on disk per configuration, so repeated runs
-    of the tools skip importing diffusers (several seconds).
-    """
-    cache = _cache_dir() / f"{_table_key(layout)}.json"
-    try:
-        return json.loads(cache.read_text())
-    except (OSError, ValueError):
-        pass
-    unet, tes = _meta_models(layout)
-    resolver = LoRANameResolver(tes, unet, sdxl=layout.is_sdxl)
-    lierla = lora_targets(tes, unet, sdxl=layout.is_sdxl, include_conv3x3=False)
-    table = {"targets": [[n, t.component, t.path, t.kind, list(t.module.weight.shape), n not in lierla]
-                         for n, t in resolver.targets.items()],
-             "aliases": dict(resolver.aliases)}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache) as tmp:
-            Path(tmp).write_text(json.dumps(table))
-    except OSError as e:
-        logger.debug("cannot cache LoRA target table in %s: %s", cache, e)
-    return table
-
-
 def placed_targets(layout: lc.LdmLayout, include_conv3x3: bool = True,
                    aliases: bool = False) -> dict[str, PlacedTarget]:
     """{lora name: PlacedTarget} of every LoRA target of the layout (text encoders first, then the UNet).
 
     `include_conv3x3` selects the LoRA-C3Lier set (else LoRA-LierLa). `aliases` adds the other spellings
-    `LoRANameResolver` accepts (SDXL names in the diffusers layout, SD names in the original layout), mapped
+    `networks.lora_names.LoRANameResolver` accepts (SDXL names in the diffusers layout, SD names in the original layout), mapped
     to the same targets, for reading files written by other trainers.
     """
     table = target_table(layout)
@@ -182,7 +123,9 @@ def _merge_plan(loras: Sequence[LoRAFile], ratios: Sequence[float], placed: dict
 
 
 def _write_merged(ckpt: TensorFile, plan, loras, save_to, merge_dtype, save_dtype, metadata) -> None:
-    keys = ckpt.keys()
+    keys = [k for k in ckpt.keys() if not k.startswith("model_ema.")]
+    if len(keys) < len(ckpt.keys()):  # the EMA copy would no longer match the merged weights
+        logger.info("dropping %d model_ema.* tensors (an EMA copy without the LoRA)", len(ckpt.keys()) - len(keys))
     out_dtype = lambda k: save_dtype if ckpt.dtype(k).is_floating_point else ckpt.dtype(k)  # noqa: E731
     layout = [(k, out_dtype(k), ckpt.shape(k)) for k in keys]
     meta = {**ckpt.metadata, **metadata}

@@ -60,12 +60,16 @@ def test_sdxl_merge_into_model_equals_apply_to_and_saves_fp16(tmp_path):
     _assert_close(outputs(merged), outputs_with_loras("sdxl", [(files[0], 0.8)]), atol=2e-2)
 
 
-def test_merge_into_ckpt_model_writes_ckpt(tmp_path):
+def test_merge_into_ckpt_model_writes_ckpt_without_ema(tmp_path):
     files = _lora_files(tmp_path, "sd1", n=1)
-    src = write_checkpoint(tiny_models("sd1"), tmp_path / "base.ckpt")
+    sd = load_state_dict(tiny_model_path("sd1"))
+    sd["model_ema.decay"] = torch.tensor(0.999)
+    src = tmp_path / "base.ckpt"
+    torch.save({"state_dict": sd, "global_step": 10}, src)
     out = tmp_path / "merged.ckpt"
-    merge_lora.main(["--sd_model", src, "--save_to", str(out), "--models", files[0], "--ratios", "1.0"])
-    assert "state_dict" in torch.load(out, weights_only=True)
+    merge_lora.main(["--sd_model", str(src), "--save_to", str(out), "--models", files[0], "--ratios", "1.0"])
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    assert set(saved) == set(sd) - {"model_ema.decay"}
     merged = load_models(out, **load_kwargs("sd1"))
     _assert_close(outputs(merged), outputs_with_loras("sd1", [(files[0], 1.0)]))
 
@@ -195,16 +199,36 @@ def test_argument_errors(tmp_path):
 def test_target_table_is_cached_and_equal_to_a_fresh_one(tmp_path, monkeypatch):
     from library import ldm_convert as lc
     from networks import lora_checkpoint_ops as ops
+    from networks import lora_target_tables as tables
 
     monkeypatch.setenv("SD_LORA_SUITE_CACHE", str(tmp_path))
     with TensorFile(tiny_model_path("sdxl")) as f:
         layout = lc.infer_layout(ops.read_shapes(f))
     fresh = ops.placed_targets(layout, aliases=True)
     assert len(list((tmp_path / "lora_targets").glob("*.json"))) == 1
-    monkeypatch.setattr(ops, "_meta_models", lambda layout: pytest.fail("cache not used"))
+    monkeypatch.setattr(tables, "meta_models", lambda layout: pytest.fail("cache not used"))
     assert ops.placed_targets(layout, aliases=True) == fresh
     lierla = ops.placed_targets(layout, include_conv3x3=False)
     assert set(lierla) < set(fresh) and not any(p.kind == "conv3x3" for p in lierla.values())
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_shipped_real_size_tables_match_lora_names(tmp_path, monkeypatch, arch):
+    """The shipped tables (used on a first run, without importing diffusers) equal a fresh computation."""
+    import gzip
+
+    from networks import lora_target_tables as tables
+
+    layout = tables.real_size_layout(arch)
+    shipped = tables.SHIPPED_DIR / f"{tables.config_key(layout)}.json.gz"
+    assert json.loads(gzip.decompress(shipped.read_bytes())) == json.loads(json.dumps(tables.build_target_table(layout)))
+    monkeypatch.setenv("SD_LORA_SUITE_CACHE", str(tmp_path))  # empty user cache: the shipped table is used
+    monkeypatch.setattr(tables, "meta_models", lambda layout: pytest.fail("shipped table not used"))
+    names = {row[0] for row in tables.target_table(layout)["targets"]}
+    expected = ({"lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k",
+                 "lora_te2_text_model_encoder_layers_31_mlp_fc2"} if arch == "sdxl" else
+                {"lora_unet_up_blocks_3_attentions_2_proj_out", "lora_te_text_model_encoder_layers_11_mlp_fc2"})
+    assert expected <= names  # real-size depths (10 transformer blocks, 32 / 12 encoder layers)
 
 
 def test_docs_worked_example(tmp_path, monkeypatch):
