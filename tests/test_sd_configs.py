@@ -45,3 +45,23 @@ def test_unet_layout_names_are_unique_and_blocks_cover_the_documented_ranges():
     assert diffusers_to_ldm_module("up_blocks.0.upsamplers.0.conv.weight", sdxl) == "output_blocks.2.2.conv.weight"
     assert diffusers_to_ldm_module("down_blocks.0.resnets.1.time_emb_proj.bias", sdxl) == \
         "input_blocks.2.0.emb_layers.1.bias"
+
+
+def test_atomic_writes_leave_no_temp_files_and_use_the_umask(tmp_path):
+    import os
+
+    import pytest
+
+    from library.file_io import atomic_path, load_state_dict, save_state_dict
+
+    out = tmp_path / "a.safetensors"
+    save_state_dict({"w": torch.ones(2)}, out, metadata={"k": "v"})
+    assert load_state_dict(out)["w"].tolist() == [1.0, 1.0]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            open(tmp, "wb").write(b"half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
