@@ -182,12 +182,13 @@ def extract_lora(model_org: str | os.PathLike, model_tuned: str | os.PathLike, f
             raise ValueError(f"--model_org {model_org} and --model_tuned {model_tuned} have different architectures "
                              f"or sizes; extract needs two versions of the same model")
         placed = placed_targets(layout, include_conv3x3=options.conv_dim is not None)
+        placed_tuned = placed_targets(tuned_layout, include_conv3x3=options.conv_dim is not None)
         out: dict[str, torch.Tensor] = {}
         reports: list[ModuleReport] = []
         te_max_diff: dict[str, float] = {}
-        cache: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
+        reader = _PairReader(org, tuned, options.load_dtype)
         for name, p in tqdm(placed.items(), desc="extracting", unit="module"):
-            diff = _difference(org, tuned, p, options, cache)
+            diff = _difference(reader, p, placed_tuned[name], options.device)
             if not p.is_unet:
                 te_max_diff[p.component] = max(te_max_diff.get(p.component, 0.0),
                                                       float(diff.abs().max()) if diff.numel() else 0.0)
@@ -207,17 +208,30 @@ def extract_lora(model_org: str | os.PathLike, model_tuned: str | os.PathLike, f
     return out, _extract_metadata(layout.family, options, reports, v_parameterization), reports
 
 
-def _difference(org: TensorFile, tuned: TensorFile, p: PlacedTarget, options: ExtractOptions, cache) -> torch.Tensor:
-    key = p.param.key
-    if cache.get("key") != key:
-        for f, which in ((org, "--model_org"), (tuned, "--model_tuned")):
+class _PairReader:
+    """Reads a target's weight from both checkpoints (each through its own key layout), caching the last
+    file tensor of each so a fused q/k/v tensor is read once for its three projections."""
+
+    def __init__(self, org: TensorFile, tuned: TensorFile, dtype: torch.dtype | None):
+        self.files = {"--model_org": org, "--model_tuned": tuned}
+        self.dtype = dtype
+        self.cached: dict[str, tuple[str, torch.Tensor]] = {}
+
+    def read(self, which: str, p: PlacedTarget) -> torch.Tensor:
+        f = self.files[which]
+        key = p.param.key
+        if self.cached.get(which, ("",))[0] != key:
             if key not in f:
                 raise CheckpointError(f"{which} {f.path}: has no tensor {key}")
-        cache.clear()
-        cache.update(key=key, org=org.get(key, options.load_dtype), tuned=tuned.get(key, options.load_dtype))
-    a, b = (t[p.param.rows] if p.param.rows is not None else t for t in (cache["org"], cache["tuned"]))
-    diff = (b.to(options.device, torch.float32) - a.to(options.device, torch.float32))
-    return diff.reshape(p.weight_shape)
+            self.cached[which] = (key, f.get(key, self.dtype))
+        t = self.cached[which][1]
+        return t[p.param.rows] if p.param.rows is not None else t
+
+
+def _difference(reader: _PairReader, p_org: PlacedTarget, p_tuned: PlacedTarget, device) -> torch.Tensor:
+    a = reader.read("--model_org", p_org).to(device, torch.float32)
+    b = reader.read("--model_tuned", p_tuned).to(device, torch.float32)
+    return (b - a).reshape(p_org.weight_shape)
 
 
 def _clamp(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,11 @@ def test_low_rank_difference_is_reproduced_exactly(tmp_path, arch):
     tuned = tmp_path / "tuned.safetensors"
     tool = sdxl_merge_lora if arch == "sdxl" else merge_lora
     tool.main(["--sd_model", str(tiny_model_path(arch)), "--save_to", str(tuned), "--models", lora])
+    if arch == "sd1":  # the tuned model as an old-style .ckpt: text encoder keys without `text_model.`
+        old_style = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+                     for k, v in load_state_dict(tuned).items()}
+        tuned = tmp_path / "tuned.ckpt"
+        torch.save({"state_dict": old_style}, tuned)
     out = tmp_path / "extracted.safetensors"
     extract.main(["--model_org", str(tiny_model_path(arch)), "--model_tuned", str(tuned), "--save_to", str(out),
                   "--dim", "2", "--conv_dim", "2", "--clamp_quantile", "1"] + FLAGS[arch])
