@@ -260,9 +260,16 @@ class LoRANetwork(torch.nn.Module):
 
     def merge_to(self, text_encoder=None, unet=None, weights_sd: Mapping[str, torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        """Fold the LoRA (from `weights_sd`, default this network's own weights) into the model weights."""
+        """Fold the LoRA (from `weights_sd`, default this network's own weights) into the model weights.
+
+        Names in `weights_sd` may be aliases (see `normalize_weights`); keys matching no layer are listed in a
+        warning and a file for another model family is refused, as when loading.
+        """
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         if weights_sd is not None:
+            if unet is not None or text_encoder is not None:
+                weights_sd = normalize_weights(weights_sd, resolver=LoRANameResolver(text_encoder, unet),
+                                               source="merge_to weights")
             for key, value in weights_sd.items():
                 name, rest = split_key(key)
                 grouped.setdefault(name, {})[rest] = value

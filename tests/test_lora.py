@@ -203,6 +203,9 @@ def test_sdxl_diffusers_style_names_are_accepted_as_aliases():
     m2 = tiny_models("sdxl")
     net2, weights = lora.create_network_from_weights(1.0, None, None, m2.text_encoder, m2.unet, weights_sd=renamed)
     assert set(weights) == set(net.state_dict())
+    net2.merge_to(m2.text_encoder, m2.unet, renamed)  # merge_to reads the aliases too
+    net.apply_to(m.text_encoder, m.unet)
+    assert close(outputs(m2), outputs(m), atol=2e-4)
 
 
 def test_dropouts_only_in_training_and_max_norm():
