@@ -13,22 +13,23 @@ import importlib
 import logging
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from library import sampling as S
+from library import gen_img_stages as stages
 from library.image_output import png_metadata, save_png
 
 logger = logging.getLogger(__name__)
 
 # sd-scripts options this suite does not implement: accepted by the parser so that using one gives a clear error
 UNSUPPORTED = {
-    "img2img / inpainting": ["image_path", "mask_path", "strength", "use_original_file_name", "clip_vision_strength"],
-    "highres fix": ["highres_fix_scale", "highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st",
-                    "highres_fix_latents_upscaling", "highres_fix_upscaler", "highres_fix_upscaler_args",
-                    "highres_fix_disable_control_net"],
+    "inpainting / CLIP Vision": ["mask_path", "clip_vision_strength"],
+    "highres fix upscaler modules": ["highres_fix_upscaler", "highres_fix_upscaler_args",
+                                     "highres_fix_disable_control_net"],
     "ControlNet / guidance": ["control_net_models", "control_net_preps", "control_net_weights", "control_net_ratios",
                               "control_net_multipliers", "control_net_lllite_models", "guide_image_path",
                               "clip_guidance_scale", "clip_image_guidance_scale", "vgg16_guidance_scale",
@@ -80,8 +81,8 @@ def build_parser(sdxl: bool) -> argparse.ArgumentParser:
                    help="without --seed/--d, all prompts of one iteration share one random seed")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--W", type=int, default=size, help=f"image width (default {size})")
-    g.add_argument("--H", type=int, default=size, help=f"image height (default {size})")
+    g.add_argument("--W", type=int, help=f"image width (default {size}; img2img: the source's)")
+    g.add_argument("--H", type=int, help=f"image height (default {size}; img2img: the source's)")
     g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     g.add_argument("--sampler", default="ddim", choices=S.SAMPLERS, help="sampler (default ddim)")
     g.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
@@ -96,6 +97,17 @@ def build_parser(sdxl: bool) -> argparse.ArgumentParser:
         for name in ("original_width", "original_height", "original_width_negative", "original_height_negative",
                      "crop_top", "crop_left"):
             g.add_argument(f"--{name}", type=int, help=name.replace("_", " "))
+
+    g = p.add_argument_group("img2img and highres fix")
+    g.add_argument("--image_path", help="img2img source: an image file or a folder of images (used in turn)")
+    g.add_argument("--strength", type=float, help="img2img / highres fix 2nd pass strength, 0..1 (default 0.8)")
+    g.add_argument("--use_original_file_name", action="store_true", help="img2img: name outputs after the sources")
+    g.add_argument("--highres_fix_scale", type=float, help="enable highres fix: first pass at this scale (0..1)")
+    g.add_argument("--highres_fix_steps", type=int, default=28, help="steps of the first pass (default 28)")
+    g.add_argument("--highres_fix_strength", type=float, help="strength of the first pass when it is img2img")
+    g.add_argument("--highres_fix_save_1st", action="store_true", help="also save the first-pass images")
+    g.add_argument("--highres_fix_latents_upscaling", action="store_true",
+                   help="upscale the first pass's latents (bilinear) instead of its image (LANCZOS)")
 
     g = p.add_argument_group("output")
     g.add_argument("--outdir", default="outputs", help="output folder (default outputs)")
@@ -145,8 +157,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool) -> None:
         raise ValueError(f"--max_embeddings_multiples {args.max_embeddings_multiples}: expected 1, 2 or 3")
     if sdxl and args.clip_skip:
         logger.warning("--clip_skip has no effect on SDXL (it always uses the penultimate layers)")
-    if args.W % 8 or args.H % 8:
-        logger.warning("--W/--H %dx%d: rounded down to multiples of 8", args.W, args.H)
+    if (args.W or 0) % 8 or (args.H or 0) % 8:
+        logger.warning("--W/--H %sx%s: rounded down to multiples of 8", args.W, args.H)
+    _validate_stages(args)
     _validate_networks(args)
     for f in args.textual_inversion_embeddings or []:
         if not Path(f).is_file():
@@ -175,6 +188,19 @@ def _validate_networks(args: argparse.Namespace) -> None:
         for item in filter(None, arg.split(";")):
             if "=" not in item:
                 raise ValueError(f"--network_args {arg!r}: expected key=value pairs separated by ';'")
+
+
+def _validate_stages(args: argparse.Namespace) -> None:
+    for flag in ("strength", "highres_fix_strength"):
+        value = getattr(args, flag)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"--{flag} {value}: expected a value from 0 to 1")
+    if args.highres_fix_scale is not None and not 0.0 < args.highres_fix_scale <= 1.0:
+        raise ValueError(f"--highres_fix_scale {args.highres_fix_scale}: expected a value above 0 and up to 1")
+    if args.highres_fix_steps < 1:
+        raise ValueError(f"--highres_fix_steps must be at least 1 (got {args.highres_fix_steps})")
+    if args.image_path:
+        stages.image_files(args.image_path)  # raises for a missing path or an empty folder
 
 
 def _check_device(name: str) -> None:
@@ -298,7 +324,8 @@ class SeedSource:
 
 
 def jobs_for_prompt(spec: S.PromptSpec, defaults: S.JobDefaults, count: int, seeds: SeedSource,
-                    variant_rng: random.Random | None = None) -> list[S.ImageJob]:
+                    variant_rng: random.Random | None = None, init: stages.InitImages | None = None,
+                    strength: float = stages.DEFAULT_STRENGTH) -> list[S.ImageJob]:
     """The jobs of one prompt line: `count` images, or one per dynamic variant (`{a|b}`, `{e$$a|b}`).
 
     `--d a,b,c` gives the seeds in order (the last repeats when short).
@@ -313,7 +340,11 @@ def jobs_for_prompt(spec: S.PromptSpec, defaults: S.JobDefaults, count: int, see
     jobs = []
     for k, variant in enumerate(variants):
         seed = variant.seeds[min(k, len(variant.seeds) - 1)] if variant.seeds else seeds.next()
-        jobs.append(S.make_job(variant, defaults, seed))
+        image = None
+        if init is not None:
+            variant, image = init.next_for(variant)
+        job = S.make_job(variant, defaults, seed)
+        jobs.append(replace(job, init_image=image, strength=strength if variant.strength is None else variant.strength))
     return jobs
 
 
@@ -323,7 +354,8 @@ def job_defaults(args: argparse.Namespace, sdxl: bool, network_muls: Sequence[fl
         kw = {name: getattr(args, name) for name in ("original_width", "original_height", "original_width_negative",
                                                      "original_height_negative")}
         kw.update(crop_top=args.crop_top or 0, crop_left=args.crop_left or 0)
-    return S.JobDefaults(width=args.W, height=args.H, steps=args.steps, scale=args.scale, sampler=args.sampler,
+    size = 1024 if sdxl else 512
+    return S.JobDefaults(width=args.W or size, height=args.H or size, steps=args.steps, scale=args.scale, sampler=args.sampler,
                          negative_scale=args.negative_scale, network_muls=tuple(network_muls) or None, **kw)
 
 
@@ -348,52 +380,87 @@ def run(args: argparse.Namespace, sdxl: bool, components=None) -> list[str]:
     specs = [S.parse_prompt_line(args.prompt)] if args.prompt else []
     if args.from_file:
         specs += S.read_prompt_file(args.from_file)
+    sources = stages.load_images(stages.image_files(args.image_path)) if args.image_path else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = model_dtype(args)
     comps = (prepare_components(components, args, dtype, device) if components is not None
              else load_components(args, sdxl, dtype, device))
     networks, default_muls, described = load_networks(args, comps, dtype, device)
-    text_transform = None
-    if args.textual_inversion_embeddings:
-        from library.textual_inversion import add_embeddings, expand_prompt
-
-        tokens = add_embeddings(comps.tokenizers, comps.text_encoders, args.textual_inversion_embeddings)
-        text_transform = functools.partial(expand_prompt, replacements=tokens)
-    defaults = job_defaults(args, sdxl, default_muls)
     if any(s.network_muls for s in specs) and len(networks) < len(described):
         logger.warning("--am sets the multipliers of applied networks only; merged networks keep theirs")
+    defaults = job_defaults(args, sdxl, default_muls)
+    strength = args.strength if args.strength is not None else stages.DEFAULT_STRENGTH
+    writer = ImageWriter(args, described, default_muls, comps.vae)
+    generate_kwargs = dict(clip_skip=args.clip_skip, max_embeddings_multiples=args.max_embeddings_multiples,
+                           vae_batch_size=_vae_batch_size(args.vae_batch_size, args.batch_size), networks=networks,
+                           network_muls=default_muls, progress=True, text_transform=_textual_inversion(args, comps),
+                           autocast_dtype=dtype if device.type == "cuda" and dtype != torch.float32 else None)
 
-    outdir = Path(args.outdir)
-    written: list[str] = []
-    vae_batch = _vae_batch_size(args.vae_batch_size, args.batch_size)
-    autocast = dtype if device.type == "cuda" and dtype != torch.float32 else None
+    def run_stage(jobs: list[S.ImageJob], decode: bool = True) -> list[Any]:
+        return [out for _, out in S.generate(comps, jobs, device, args.batch_size, decode=decode, **generate_kwargs)]
 
     def produce(jobs: list[S.ImageJob]) -> None:
         stamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
-        results = S.generate(comps, jobs, device, args.batch_size, args.clip_skip, args.max_embeddings_multiples,
-                             vae_batch, networks=networks, network_muls=default_muls, autocast_dtype=autocast,
-                             progress=True, text_transform=text_transform)
-        for k, (job, image) in enumerate(results):
-            nets = network_info(described, job.network_muls or default_muls)
-            name = (f"im_{len(written) + 1:06d}.png" if args.sequential_file_name
-                    else f"im_{stamp}_{k % args.batch_size:03d}_{job.seed}.png")
-            written.append(save_png(image, outdir / name, png_metadata(job, nets)))
-            logger.info("saved %s", written[-1])
+        if args.highres_fix_scale:
+            save_first = functools.partial(writer.save, stamp=stamp, prefix="0") if args.highres_fix_save_1st else None
+            jobs = stages.highres_fix(jobs, run_stage, args.highres_fix_scale, args.highres_fix_steps,
+                                      args.highres_fix_strength, args.highres_fix_latents_upscaling, save_first)
+        for k, (job, image) in enumerate(zip(jobs, run_stage(jobs))):
+            writer.save(job, image, stamp=stamp, prefix="1" if args.highres_fix_scale else "", k=k)
+
+    def init_images() -> stages.InitImages | None:
+        size_from_image = args.W is None and args.H is None and not args.highres_fix_scale
+        return stages.InitImages(sources, size_from_image) if sources else None
 
     if args.interactive:
         for spec in _interactive_prompts():  # every prompt starts again from --seed
             seeds = SeedSource(args.seed, args.images_per_prompt, args.iter_same_seed)
-            produce(jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds, random.Random(args.seed)))
-        return written
+            produce(jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds, random.Random(args.seed),
+                                    init_images(), strength))
+        return writer.written
     seeds = SeedSource(args.seed, args.n_iter * len(specs) * args.images_per_prompt, args.iter_same_seed)
     variant_rng = random.Random(args.seed)  # dynamic prompt choices: reproducible with --seed
     for iteration in range(args.n_iter):
         seeds.new_iteration()
-        jobs = [job for spec in specs
-                for job in jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds, variant_rng)]
+        init = init_images()
+        jobs = [job for spec in specs for job in
+                jobs_for_prompt(spec, defaults, args.images_per_prompt, seeds, variant_rng, init, strength)]
         logger.info("iteration %d/%d: %d images", iteration + 1, args.n_iter, len(jobs))
         produce(jobs)
-    return written
+    return writer.written
+
+
+def _textual_inversion(args: argparse.Namespace, comps) -> Any:
+    """Load --textual_inversion_embeddings; returns the prompt rewriter for multi-vector tokens (or None)."""
+    if not args.textual_inversion_embeddings:
+        return None
+    from library.textual_inversion import add_embeddings, expand_prompt
+
+    tokens = add_embeddings(comps.tokenizers, comps.text_encoders, args.textual_inversion_embeddings)
+    return functools.partial(expand_prompt, replacements=tokens)
+
+
+class ImageWriter:
+    """Names (sd-scripts' schemes, never overwriting) and writes the PNGs with their metadata."""
+
+    def __init__(self, args: argparse.Namespace, described: list[dict[str, Any]], default_muls: Sequence[float],
+                 vae):
+        self.args, self.described, self.default_muls, self.vae = args, described, default_muls, vae
+        self.written: list[str] = []
+
+    def save(self, job: S.ImageJob, image: Any, stamp: str, prefix: str = "", k: int = 0) -> None:
+        if isinstance(image, torch.Tensor):  # a highres fix first pass kept as latents
+            image = S.decode_latents(self.vae, image[None])[0]
+        source = getattr(job.init_image, "filename", None)
+        if self.args.use_original_file_name and source:
+            name = Path(source).stem + ".png"
+        elif self.args.sequential_file_name:
+            name = f"im_{prefix}{len(self.written) + 1:06d}.png"
+        else:
+            name = f"im_{stamp}_{prefix}{k % self.args.batch_size:03d}_{job.seed}.png"
+        nets = network_info(self.described, job.network_muls or self.default_muls)
+        self.written.append(save_png(image, Path(self.args.outdir) / name, png_metadata(job, nets)))
+        logger.info("saved %s", self.written[-1])
 
 
 def network_info(described: list[dict[str, Any]], muls: Sequence[float]) -> list[dict[str, Any]]:

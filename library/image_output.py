@@ -29,6 +29,8 @@ def png_metadata(job: Any, networks: Sequence[dict[str, Any]] = ()) -> dict[str,
     }
     if job.negative_scale is not None:
         meta["negative-scale"] = str(job.negative_scale)
+    if getattr(job, "init_image", None) is not None:
+        meta["strength"] = str(job.strength)
     if job.original_size is not None:
         meta["original-height"], meta["original-width"] = map(str, job.original_size)
         meta["original-height-negative"], meta["original-width-negative"] = map(str, job.original_size_negative)

@@ -52,6 +52,7 @@ class PromptSpec:
     original_height_negative: int | None = None  # --nh
     crop_top: int | None = None  # --ct
     crop_left: int | None = None  # --cl
+    strength: float | None = None  # --t (img2img / highres fix strength)
     index: int = 0  # position in the prompt file (names the sample images)
     raw: str | None = None  # the line as written (for dynamic prompt variants)
 
@@ -93,6 +94,7 @@ PROMPT_OPTIONS: dict[str, tuple[str, Any]] = {
     "nh": ("original_height_negative", int),
     "ct": ("crop_top", int),
     "cl": ("crop_left", int),
+    "t": ("strength", float),
 }
 
 

@@ -103,11 +103,15 @@ class ImageJob:
     original_size_negative: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
     index: int = 0
+    init_image: Any = None  # img2img: a PIL image (resized to width x height) or latents (4, H/8, W/8)
+    strength: float = 1.0  # img2img: the part of the schedule that is run (1.0: from pure noise)
+    noise_offset: int = 0  # noise comes from seed + noise_offset (highres fix's 2nd stage uses 1)
 
     def batch_key(self) -> tuple:
         """Images with equal keys can share one batch (same size, steps, guidance, sampler, networks)."""
-        return tuple(getattr(self, f.name) for f in fields(self)
-                     if f.name not in ("prompt", "negative_prompt", "seed", "index"))
+        key = [getattr(self, f.name) for f in fields(self)
+               if f.name not in ("prompt", "negative_prompt", "seed", "index", "init_image")]
+        return (*key, self.init_image is None)
 
 
 @dataclass
@@ -225,11 +229,31 @@ def denoise_batch(components, jobs: Sequence[ImageJob], device: torch.device | s
     """
     device = torch.device(device)
     first = jobs[0]
-    unet = components.unet
-    dtype = _module_device_dtype(unet)[1]
-    generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
+    dtype = _module_device_dtype(components.unet)[1]
+    generators = [torch.Generator("cpu").manual_seed(j.seed + j.noise_offset) for j in jobs]
     noise = torch.stack([initial_noise(j, g) for j, g in zip(jobs, generators)]).to(device)
+    context, added, n_cond = _conditioning(components, jobs, device, dtype, clip_skip, max_embeddings_multiples,
+                                           text_transform)
+    scheduler = make_scheduler(first.sampler, components.scheduler_config, components.v_parameterization)
+    scheduler.set_timesteps(first.steps, device=device)
+    latents, timesteps = _start(components, scheduler, jobs, noise, device)
+    step_kwargs = _step_kwargs(scheduler, generators)
+    if progress:
+        from tqdm import tqdm
 
+        timesteps = tqdm(timesteps, desc="sampling", leave=False)
+    for t in timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([latents] * n_cond), t).to(dtype)
+        pred = components.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+        pred = _guide(pred.chunk(n_cond), first.scale, first.negative_scale) if n_cond > 1 else pred
+        latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+    return latents
+
+
+def _conditioning(components, jobs: Sequence[ImageJob], device, dtype, clip_skip, max_embeddings_multiples,
+                  text_transform) -> tuple[torch.Tensor, dict | None, int]:
+    """UNet conditioning for [negatives, prompts(, empty prompts)]: (context, SDXL added_cond_kwargs, count)."""
+    first = jobs[0]
     cfg = first.scale > 1.0 or first.negative_scale is not None
     texts = [j.prompt for j in jobs]
     if cfg:
@@ -242,8 +266,6 @@ def denoise_batch(components, jobs: Sequence[ImageJob], device: torch.device | s
     context, pooled = encode_prompts(components, unique, device, clip_skip, max_embeddings_multiples)
     which = torch.tensor([unique.index(t) for t in texts], device=context.device)
     context = context[which].to(device, dtype)
-    pooled = pooled[which.to(pooled.device)] if pooled is not None else None
-    n_cond = len(texts) // len(jobs)
     added = None
     if components.is_sdxl:
         target = (first.height, first.width)
@@ -251,23 +273,48 @@ def denoise_batch(components, jobs: Sequence[ImageJob], device: torch.device | s
         neg = (first.original_size_negative, first.crop_top_left, target)
         rows = ([neg] * len(jobs) if cfg else []) + [pos] * len(jobs)
         rows += [pos] * len(jobs) if first.negative_scale is not None else []
-        added = {"text_embeds": pooled.to(device, dtype), "time_ids": _time_ids(rows, device, dtype)}
+        pooled = pooled[which.to(pooled.device)].to(device, dtype)
+        added = {"text_embeds": pooled, "time_ids": _time_ids(rows, device, dtype)}
+    return context, added, len(texts) // len(jobs)
 
-    scheduler = make_scheduler(first.sampler, components.scheduler_config, components.v_parameterization)
-    scheduler.set_timesteps(first.steps, device=device)
-    latents = noise * scheduler.init_noise_sigma
-    step_kwargs = _step_kwargs(scheduler, generators)
-    timesteps = scheduler.timesteps
-    if progress:
-        from tqdm import tqdm
 
-        timesteps = tqdm(timesteps, desc="sampling", leave=False)
-    for t in timesteps:
-        model_in = scheduler.scale_model_input(torch.cat([latents] * n_cond), t).to(dtype)
-        pred = unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
-        pred = _guide(pred.chunk(n_cond), first.scale, first.negative_scale) if cfg else pred
-        latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
-    return latents
+def _start(components, scheduler, jobs: Sequence[ImageJob], noise: torch.Tensor, device) -> tuple[torch.Tensor, Any]:
+    """Starting latents and the timesteps to run: pure noise, or (img2img) the init latents noised to `strength`."""
+    first = jobs[0]
+    if first.init_image is None:
+        return noise * scheduler.init_noise_sigma, scheduler.timesteps
+    init = encode_init_images(components.vae, [j.init_image for j in jobs], first.width, first.height).to(device)
+    run = min(int(first.steps * first.strength), first.steps)
+    begin = (first.steps - run) * scheduler.order
+    timesteps = scheduler.timesteps[begin:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    if len(timesteps) == 0:
+        return init, timesteps
+    return scheduler.add_noise(init, noise, timesteps[:1].repeat(len(jobs))), timesteps
+
+
+@torch.no_grad()
+def encode_init_images(vae, images: Sequence[Any], width: int, height: int) -> torch.Tensor:
+    """img2img sources -> scaled latents (B, 4, H/8, W/8): PIL images are resized (LANCZOS) and encoded
+    (the mean of the VAE's distribution); latent tensors are resized (bilinear) if their size differs."""
+    from PIL import Image
+
+    device, dtype = _module_device_dtype(vae)
+    out = []
+    for image in images:
+        if isinstance(image, torch.Tensor):
+            lat = image.float()[None]
+            if lat.shape[-2:] != (height // 8, width // 8):
+                lat = torch.nn.functional.interpolate(lat, (height // 8, width // 8), mode="bilinear")
+            out.append(lat[0].cpu())
+            continue
+        image = image.convert("RGB").resize((width, height), Image.LANCZOS)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        dist = vae.encode(pixels.to(device, dtype)).latent_dist
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        out.append(((dist.mean.float() - shift) * vae.config.scaling_factor)[0].cpu())
+    return torch.stack(out)
 
 
 def _guide(preds: Sequence[torch.Tensor], scale: float, negative_scale: float | None) -> torch.Tensor:
@@ -324,8 +371,9 @@ def generate(components, jobs: Sequence[ImageJob], device: torch.device | str, b
              clip_skip: int | None = None, max_embeddings_multiples: int = 1, vae_batch_size: int | None = None,
              networks: Sequence[Any] = (), network_muls: Sequence[float] = (),
              autocast_dtype: torch.dtype | None = None, progress: bool = False,
-             text_transform: Callable[[str], str] | None = None) -> Iterator[tuple[ImageJob, Any]]:
-    """Yield (job, PIL image) for every job, batching consecutive compatible jobs.
+             text_transform: Callable[[str], str] | None = None, decode: bool = True
+             ) -> Iterator[tuple[ImageJob, Any]]:
+    """Yield (job, PIL image) for every job, batching consecutive compatible jobs (`decode=False`: latents).
 
     `networks` are applied (not merged) networks whose multipliers follow each job's `network_muls`
     (default `network_muls`). `autocast_dtype` runs the UNet/text encoders under torch.autocast.
@@ -336,7 +384,10 @@ def generate(components, jobs: Sequence[ImageJob], device: torch.device | str, b
         with _autocast(device, autocast_dtype):
             latents = denoise_batch(components, batch, device, clip_skip, max_embeddings_multiples, progress,
                                     text_transform)
-        yield from zip(batch, decode_latents(components.vae, latents, vae_batch_size))
+        if decode:
+            yield from zip(batch, decode_latents(components.vae, latents, vae_batch_size))
+        else:
+            yield from zip(batch, latents.float().cpu())
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

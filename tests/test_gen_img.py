@@ -15,9 +15,10 @@ from tests.conftest import tiny_models
 BASE = ["--W", "64", "--H", "64", "--steps", "2", "--sampler", "euler_a", "--device", "cpu"]
 
 
-def _run(tmp_path, extra, arch="sd1", comps=None, outdir="out"):
+def _run(tmp_path, extra, arch="sd1", comps=None, outdir="out", sized=True):
     sdxl = arch == "sdxl"
-    argv = ["--ckpt", str(tmp_path), "--outdir", str(tmp_path / outdir), *BASE, *extra]
+    base = BASE if sized else BASE[4:]  # without --W/--H
+    argv = ["--ckpt", str(tmp_path), "--outdir", str(tmp_path / outdir), *base, *extra]
     args = gen_img.build_parser(sdxl).parse_args(argv)
     return gen_img.run(args, sdxl, components=comps if comps is not None else tiny_models(arch))
 
@@ -116,8 +117,8 @@ def test_per_prompt_options_override(tmp_path):
 
 
 def test_sdxl_size_conditioning_and_defaults(tmp_path):
-    assert gen_img.build_parser(True).parse_args(["--ckpt", "x"]).W == 1024
-    assert gen_img.build_parser(False).parse_args(["--ckpt", "x"]).H == 512
+    assert gen_img.job_defaults(gen_img.build_parser(True).parse_args(["--ckpt", "x"]), True, []).width == 1024
+    assert gen_img.job_defaults(gen_img.build_parser(False).parse_args(["--ckpt", "x"]), False, []).height == 512
     lora = _lora_file(tmp_path / "xl.safetensors", arch="sdxl")
     common = ["--prompt", "a cat --n dog", "--seed", "2", "--network_weights", lora]
     plain = _run(tmp_path, common, arch="sdxl", outdir="p")
@@ -140,7 +141,9 @@ def test_interactive_reads_stdin(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--image_path", "x.png"], "--image_path (img2img / inpainting) is not supported"),
+    (["--mask_path", "m.png"], "--mask_path (inpainting / CLIP Vision) is not supported"),
+    (["--image_path", "nothing.png"], "--image_path nothing.png: no such file or folder"),
+    (["--strength", "1.5"], "--strength 1.5: expected a value from 0 to 1"),
     (["--fp16", "--bf16"], "--fp16 and --bf16 are exclusive"),
     (["--network_weights", "missing.safetensors"], "--network_weights missing.safetensors: no such file"),
     (["--network_module", "networks.lora", "networks.lora", "--network_weights", "{lora}"],
@@ -213,3 +216,41 @@ def test_dynamic_prompts(tmp_path):
     prompts = [Image.open(p).text["prompt"] for p in picked]
     assert len(prompts) == 6 and set(prompts) <= {"a red cat", "a blue cat"}
     assert prompts == [Image.open(p).text["prompt"] for p in again]  # reproducible with --seed
+
+
+def test_img2img_sizes_strength_and_names(tmp_path):
+    from library import sampling as S
+
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 70, 3), dtype=np.uint8)).save(src_dir / "photo.png")
+    comps = tiny_models("sd1")
+    base = ["--prompt", "a cat --d 3", "--image_path", str(src_dir)]
+    (kept,) = _run(tmp_path, base + ["--strength", "0", "--use_original_file_name"], comps=comps, outdir="s0",
+                   sized=False)
+    assert kept.endswith("/photo.png") and Image.open(kept).size == (64, 96)  # source size, multiple of 32
+    with Image.open(src_dir / "photo.png") as im:
+        latents = S.encode_init_images(comps.vae, [im], 64, 96)
+    (roundtrip,) = S.decode_latents(comps.vae, latents)
+    assert np.abs(_pixels(kept) - np.asarray(roundtrip, dtype=np.float32)).max() <= 1  # strength 0: no steps
+    (half,) = _run(tmp_path, base + ["--strength", "0.5"], outdir="s5", sized=False)
+    (per_prompt,) = _run(tmp_path, ["--prompt", "a cat --d 3 --t 0.5", "--image_path", str(src_dir),
+                                    "--strength", "0.9"], outdir="t5", sized=False)
+    (txt2img,) = _run(tmp_path, ["--prompt", "a cat --d 3 --w 64 --h 96"], outdir="t2i")
+    assert Image.open(half).text["strength"] == "0.5" and "strength" not in Image.open(txt2img).text
+    assert np.array_equal(_pixels(half), _pixels(per_prompt))
+    assert np.abs(_pixels(half) - _pixels(kept)).mean() > 1 and np.abs(_pixels(half) - _pixels(txt2img)).mean() > 1
+
+
+@pytest.mark.parametrize("latents", [False, True])
+def test_highres_fix_two_passes(tmp_path, latents):
+    extra = ["--highres_fix_latents_upscaling"] if latents else []
+    paths = _run(tmp_path, ["--prompt", "a cat --d 4", "--W", "128", "--H", "96", "--highres_fix_scale", "0.5",
+                            "--highres_fix_steps", "2", "--highres_fix_save_1st", "--sequential_file_name", *extra])
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["im_0000001.png", "im_1000002.png"]
+    assert Image.open(paths[0]).size == (64, 32) and Image.open(paths[1]).size == (128, 96)
+    second = dict(Image.open(paths[1]).text)
+    assert second["seed"] == "4" and second["strength"] == "0.8"
+    plain = _run(tmp_path, ["--prompt", "a cat --d 4", "--W", "128", "--H", "96"], outdir="plain")
+    assert np.abs(_pixels(paths[1]) - _pixels(plain[0])).mean() > 1
