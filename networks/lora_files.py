@@ -44,6 +44,9 @@ def save_lora_file(state_dict: Mapping[str, torch.Tensor], file: str | os.PathLi
     save_state_dict(sd, file, metadata=meta)
 
 
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
 def _family(network_or_sdxl) -> str:
     sdxl = network_or_sdxl if isinstance(network_or_sdxl, bool) else network_or_sdxl.is_sdxl
     return "SDXL" if sdxl else "SD1/SD2"
@@ -73,15 +76,22 @@ def normalize_weights(sd: Mapping[str, torch.Tensor], network=None, *,
 
     out: dict[str, torch.Tensor] = {}
     unmatched: list[str] = []
+    other_parts: list[str] = []  # e.g. LyCORIS hada_w1_a / lokr_w1 / lora_mid: another network type
     for key, value in sd.items():
         name, rest = split_key(key)
         new_name = canonical(name)
         if new_name is None:
             unmatched.append(key)
-            continue
-        out[f"{new_name}.{rest}"] = value
+        elif rest not in LORA_PARTS:
+            other_parts.append(key)
+        else:
+            out[f"{new_name}.{rest}"] = value
     sdxl = resolver.sdxl if resolver is not None else network.is_sdxl
     if not out:
+        if other_parts:
+            raise CheckpointError(f"{source}: holds {split_key(other_parts[0])[1]} weights (e.g. {other_parts[0]}), "
+                                  f"not LoRA lora_down/lora_up weights; LyCORIS (LoHa, LoKr, LoCon with CP) files "
+                                  f"need their own network module")
         raise CheckpointError(f"{source}: no key matches a LoRA layer of this {_family(sdxl)} model; the file looks "
                               f"like a LoRA for {guess_file_family(names)} ({len(names)} modules, e.g. "
                               f"{names[0] if names else 'none'})")
@@ -89,6 +99,9 @@ def normalize_weights(sd: Mapping[str, torch.Tensor], network=None, *,
     if unmatched:
         logger.warning("%s: %d keys match no LoRA layer of this model and are ignored: %s", source, len(unmatched),
                        ", ".join(unmatched))
+    if other_parts:
+        logger.warning("%s: %d keys are not LoRA weights (lora_down/lora_up/alpha) and are ignored: %s", source,
+                       len(other_parts), ", ".join(other_parts))
     if network is not None:
         conform_shapes(out, network.state_dict(), source, sdxl)
     return out

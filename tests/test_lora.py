@@ -285,3 +285,11 @@ def test_merge_keeps_weight_dtype_and_device_and_is_in_place():
     assert target.weight.dtype == torch.bfloat16 and target.weight.data_ptr() == ptr
     expected = (before + net.unet_loras[0].delta_weight().detach()).to(torch.bfloat16)
     assert torch.equal(target.weight, expected)
+
+
+def test_lycoris_style_weights_are_named_in_the_error():
+    m = tiny_models("sd1")
+    sd = {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(16, 4),
+          "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b": torch.zeros(4, 16)}
+    with pytest.raises(CheckpointError, match="hada_w1_a weights .* LyCORIS"):
+        lora.create_network_from_weights(1.0, None, None, m.text_encoder, m.unet, weights_sd=sd)
