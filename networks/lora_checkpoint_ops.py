@@ -142,6 +142,7 @@ def _write_merged(ckpt: TensorFile, plan, loras, save_to, merge_dtype, save_dtyp
                 writer.write(key, tensor)
             else:
                 collected[key] = tensor
+            del tensor  # before the next read: at most one tensor in memory
         if writer is not None:
             writer.close()
         else:

@@ -262,3 +262,40 @@ def test_sdxl_docs_worked_example(tmp_path, monkeypatch):
         sdxl_merge_lora.main(argv)
     merged = load_models(tmp_path / "sdxl_merged.safetensors", **load_kwargs("sdxl"))
     _assert_close(outputs(merged), outputs_with_loras("sdxl", [(char, 0.8)]), atol=2e-2)
+
+
+def _peak_rss_mib(script: str, argv: list[str]) -> float:
+    """Run a tool in a fresh process; its own peak RSS (VmHWM, which restarts at exec) in MiB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import runpy, sys\n"
+            f"sys.argv = {[script, *argv]!r}\n"
+            "try:\n"
+            f"    runpy.run_path({script!r}, run_name='__main__')\n"
+            "finally:\n"
+            "    print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def test_merge_into_model_streams_one_tensor_at_a_time(tmp_path):
+    """A checkpoint with 256 MiB more tensors costs the merge about one of them (64 MiB), not all."""
+    files = _lora_files(tmp_path, "sd1", n=1)
+    sd = load_state_dict(tiny_model_path("sd1"))
+    small = tmp_path / "small.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(sd, str(small))
+    big = tmp_path / "big.safetensors"
+    save_file({**sd, **{f"model.extra_{i}": torch.full((16, 1024, 1024), float(i)) for i in range(4)}}, str(big))
+    del sd
+    peaks = [_peak_rss_mib("networks/merge_lora.py", ["--sd_model", str(src), "--models", files[0],
+                                                       "--save_to", str(tmp_path / f"out_{src.stem}.safetensors")])
+             for src in (small, big)]
+    assert peaks[1] - peaks[0] < 100, peaks  # all four extra tensors together would be 256 MiB
+    with TensorFile(tmp_path / "out_big.safetensors") as f:
+        assert float(f.get("model.extra_3")[0, 0, 0]) == 3.0
