@@ -5,6 +5,7 @@ import json
 import logging
 import random
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -123,6 +124,10 @@ def test_every_sampler_runs_and_seed_decides():
         arr = np.asarray(image)
         assert arr.shape == (64, 64, 3) and arr.std() > 0
         results[name] = arr
+        init = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(1))
+        img2img = replace(_job("a red cat --n blurry", sampler=name), steps=4, init_image=init, strength=0.6)
+        (_, latents), = S.generate(comps, [img2img], "cpu", decode=False)
+        assert torch.isfinite(latents).all() and not torch.equal(latents, init), name
     assert np.array_equal(results["euler_a"], results["k_euler_a"])  # aliases
     assert not np.array_equal(results["euler"], results["euler_a"])
 
