@@ -421,7 +421,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
                           rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
                           conv_lora_dim=args.conv_dim, conv_alpha=args.conv_alpha, block_dims=args.block_dims,
                           block_alphas=args.block_alphas, conv_block_dims=args.conv_block_dims,
-                          conv_block_alphas=args.conv_block_alphas)
+                          conv_block_alphas=args.conv_block_alphas, varbose=args.verbose)
     network.set_block_lr_weight(args.block_lr_weights)
     return network
 

@@ -19,9 +19,9 @@ logger = logging.getLogger(__name__)
 
 PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
 KNOWN_ARGS = {
-    "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "dropout", "down_lr_weight", "mid_lr_weight",
+    "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "down_lr_weight", "mid_lr_weight",
     "up_lr_weight", "block_lr_zero_threshold", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
-    "unit", "verbose",
+    "verbose",
 }
 
 
@@ -40,6 +40,7 @@ class NetworkArgs:
     conv_block_dims: list[int] | None = None
     conv_block_alphas: list[float] | None = None
     block_lr_weights: list[float] | None = None
+    verbose: bool = False
 
 
 def to_float(name: str, value: Any) -> float | None:
@@ -178,6 +179,7 @@ def parse_network_args(kwargs: Mapping[str, Any], network_dim: Any, network_alph
     if args.conv_dim is None:
         args.conv_alpha = None
 
+    args.verbose = str(kwargs.get("verbose", "")).strip().lower() in ("1", "true", "yes")
     args.block_lr_weights = block_lr_weights(kwargs, sdxl)
     n = num_blocks(sdxl)
     block_mode = args.block_lr_weights is not None or kwargs.get("block_dims") is not None
