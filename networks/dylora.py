@@ -154,6 +154,9 @@ class DyLoRANetwork(lora.LoRANetwork):
 
 
 def _parse(kwargs: Mapping[str, Any], network_dim: Any, network_alpha: Any) -> dict:
+    unknown = sorted(set(kwargs) - set(UNSUPPORTED_ARGS) - {"unit", "conv_dim", "conv_alpha"})
+    if unknown:
+        logger.warning("network_args not used by networks.dylora: %s", ", ".join(unknown))
     used = [name for name in UNSUPPORTED_ARGS if kwargs.get(name) is not None]
     if used:
         raise ValueError(f"network_args {', '.join(used)}: not supported by networks.dylora (use networks.lora)")
