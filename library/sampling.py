@@ -27,9 +27,17 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from library.sample_prompts import (  # noqa: F401  (re-exported: the sampling API)
+from library.sample_prompts import (  # re-exported: the sampling API
     PROMPT_OPTIONS, SAMPLERS, PromptSpec, canonical_sampler, expand_dynamic_prompt, parse_prompt_line, prompt_from_dict,
     read_prompt_file)
+
+__all__ = [
+    "PROMPT_OPTIONS", "SAMPLERS", "PromptSpec", "canonical_sampler", "expand_dynamic_prompt", "parse_prompt_line",
+    "prompt_from_dict", "read_prompt_file", "make_scheduler", "build_pipeline", "ImageJob", "JobDefaults",
+    "make_job", "random_seed", "encode_prompts", "initial_noise", "denoise_batch", "encode_init_images",
+    "decode_latents", "batches", "set_network_multipliers", "generate", "preserved_rng_state", "eval_mode",
+    "on_device", "sample_image_name", "sample_images",
+]
 
 logger = logging.getLogger(__name__)
 
