@@ -10,6 +10,7 @@ import argparse
 import datetime
 import functools
 import importlib
+import importlib.util
 import logging
 import random
 import re
@@ -184,6 +185,13 @@ def _validate_networks(args: argparse.Namespace) -> None:
     for w in weights:
         if not Path(w).is_file():
             raise FileNotFoundError(f"--network_weights {w}: no such file")
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ValueError(f"--network_module {name}: no such Python module (e.g. networks.lora)")
     for arg in args.network_args or []:
         for item in filter(None, arg.split(";")):
             if "=" not in item:

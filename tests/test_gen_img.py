@@ -151,6 +151,8 @@ def test_interactive_reads_stdin(tmp_path, monkeypatch):
     (["--max_embeddings_multiples", "5"], "--max_embeddings_multiples 5: expected 1, 2 or 3"),
     (["--xformers"], "--xformers"),
     (["--device", "gpu0"], "--device gpu0: not a torch device"),
+    (["--network_module", "networks.nothere", "--network_weights", "{lora}"],
+     "--network_module networks.nothere: no such Python module"),
 ])
 def test_errors_before_loading(tmp_path, capsys, extra, message):
     if extra == ["--xformers"] and torch.cuda.is_available():
