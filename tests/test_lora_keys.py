@@ -81,8 +81,8 @@ def expected_unet_paths(cfg: dict, c3lier: bool) -> list[tuple[str, str]]:
     return pairs
 
 
-def expected_names(arch: str, kind: str) -> list[str]:
-    cfg = arch_config(arch, "tiny")
+def expected_names(arch: str, kind: str, size: str = "tiny") -> list[str]:
+    cfg = arch_config(arch, size)
     sdxl = cfg.is_sdxl
     names = []
     prefixes = ["lora_te1", "lora_te2"] if sdxl else ["lora_te"]
@@ -185,3 +185,20 @@ if __name__ == "__main__":
     arch, kind = sys.argv[1], sys.argv[2]
     with open(data_file(arch, kind), "w", encoding="utf-8") as f:
         f.write("\n".join(expected_names(arch, kind)) + "\n")
+
+
+@pytest.mark.parametrize("arch,counts", [("sd1", {"unet": 192, "te": 72}), ("sd2", {"unet": 192, "te": 138}),
+                                         ("sdxl", {"unet": 722, "te1": 72, "te2": 192})])
+def test_full_size_module_counts_match_kohya_files(arch, counts):
+    """Real-size layouts (built on the meta device: no memory): a kohya LierLa LoRA of SD1.5 has 264 modules
+    (792 keys), one of SDXL 722 U-Net modules plus 72 + 192 text-encoder modules."""
+    from library.sd_configs import build_models
+
+    models = build_models(arch, "full", meta=True, tokenizers=False)
+    targets = lora_targets(models.text_encoder, models.unet)
+    found = {}
+    for t in targets.values():
+        found[t.component] = found.get(t.component, 0) + 1
+    assert found == counts
+    assert expected_names(arch, "lierla", "full") == sorted(targets)
+
