@@ -30,7 +30,7 @@ def make_pipeline(m):
 @pytest.mark.parametrize("conv_dim", [None, 3], ids=["lierla", "c3lier"])
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 def test_saved_file_loads_in_diffusers_with_same_outputs(arch, conv_dim, tmp_path):
-    pytest.importorskip("peft")
+    import peft  # noqa: F401  (diffusers needs it for load_lora_weights; a test dependency, never skipped)
     from safetensors.torch import load_file
 
     m = tiny_models(arch)
