@@ -87,7 +87,10 @@ def create_network(args: argparse.Namespace, components: Any) -> tuple[Any, Any,
     module = importlib.import_module(args.network_module)
     net_kwargs = dict(optimizers.parse_kwargs(args.network_args, "--network_args"))
     net_kwargs = {k: (",".join(map(str, v)) if isinstance(v, tuple) else str(v)) for k, v in net_kwargs.items()}
-    te = components.text_encoder
+    # Frozen text encoders get no LoRA modules at all (rather than created and dropped by apply_to), so the
+    # network's random init does not depend on whether their outputs were cached.
+    te = components.text_encoder if not args.network_train_unet_only else \
+        ([None] * len(components.text_encoders) if components.is_sdxl else None)
     if args.network_weights and args.dim_from_weights:
         network, weights_sd = module.create_network_from_weights(1, args.network_weights, components.vae, te,
                                                                  components.unet, for_inference=False, **net_kwargs)
@@ -165,10 +168,16 @@ class NetworkTrainer:
 
         self.dataset = build_dataset_group(args, self.components.tokenizers, self.sdxl, config=self.data_config)
         self.dataset.describe()
+        if getattr(args, "debug_dataset", False):
+            return
         self.noise_scheduler = noise.make_noise_scheduler(self.components.scheduler_config, self.v_param,
                                                           args.zero_terminal_snr)
         self._freeze_models()
         self._cache_inputs()
+        if args.seed is not None:  # the network's init and the training stream must not depend on what was cached
+            from accelerate.utils import set_seed
+
+            set_seed(args.seed)
         self.network, self.network_module, self.network_kwargs = create_network(args, self.components)
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
@@ -188,6 +197,7 @@ class NetworkTrainer:
     def _cache_inputs(self) -> None:
         """Cache latents (and SDXL text-encoder outputs) then drop the models nothing needs any more."""
         args, c = self.args, self.components
+        self.latent_scale = float(c.vae.config.scaling_factor)
         vae_dtype = torch.float32 if (args.no_half_vae or self.sdxl and self.model_dtype == torch.float16) else self.model_dtype
         _place(c.vae, self.device, vae_dtype)
         if getattr(args, "cache_latents", False):
@@ -268,15 +278,16 @@ class NetworkTrainer:
                                  max_token_length=args.max_token_length)
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scaled latents of the batch: cached ones (stored unscaled, as sd-scripts) or encoded now."""
         if batch.get("latents") is not None:
-            return batch["latents"].to(self.device, dtype=torch.float32)
+            return batch["latents"].to(self.device, dtype=torch.float32) * self.latent_scale
         vae = self.components.vae
         with torch.no_grad():
             images = batch["images"].to(self.device, dtype=next(vae.parameters()).dtype)
             latents = vae.encode(images).latent_dist.sample()
         if not torch.isfinite(latents).all():
             raise TrainingStopped("the VAE produced NaN latents (use --no_half_vae)")
-        return latents.float() * vae.config.scaling_factor
+        return latents.float() * self.latent_scale
 
     def time_ids(self, batch: dict[str, Any]) -> torch.Tensor:
         parts = [batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]]
@@ -530,8 +541,18 @@ def train(args: argparse.Namespace, sdxl: bool = False) -> NetworkTrainer:
         args.output_name = "last"
     if args.output_dir is None:
         raise ValueError("--output_dir is required (folder for the LoRA files)")
+    if sdxl and getattr(args, "resolution", None) is None:
+        args.resolution = "1024,1024"  # SDXL's native size (a dataset TOML's resolution wins)
+    if sdxl and not args.network_train_unet_only:
+        logger.warning("training LoRA on both SDXL text encoders: results are often unexpected; "
+                       "--network_train_unet_only is recommended")
     trainer = NetworkTrainer(args, sdxl)
     trainer.setup()
+    if getattr(args, "debug_dataset", False):
+        from library.dataset_debug import debug_dataset
+
+        debug_dataset(trainer.dataset, args)
+        return trainer
     trainer.final_path = trainer.run()
     return trainer
 
@@ -547,10 +568,8 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
     train_args.add_all_training_arguments(parser, sdxl=sdxl)
     try:
         args = train_args.parse_args(parser, argv)
-        if sdxl and getattr(args, "resolution", None) is None:
-            args.resolution = "1024,1024"
         trainer = train(args, sdxl)
-    except (ValueError, FileNotFoundError, TrainingStopped) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, TrainingStopped) as e:
         raise SystemExit(f"error: {e}") from None
     if trainer.final_path:
         print(f"LoRA saved: {os.path.abspath(trainer.final_path)}")
