@@ -15,7 +15,6 @@ Factorising a delta back to a rank uses, in order of preference:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ import torch
 from library.file_io import CheckpointError
 from library.tensor_stream import TensorFile
 
-logger = logging.getLogger(__name__)
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
