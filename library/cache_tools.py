@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import time
 
 import torch
 
@@ -53,9 +55,10 @@ def cache_to_disk(args: argparse.Namespace, kind: str) -> int:
         if kind == "latents":
             vae_dtype = torch.float32 if args.no_half_vae or args.sdxl else model_dtype
             components.vae.to(device=device, dtype=vae_dtype)
-            before = sum(1 for i in group.images if i.npz_path)
+            started = time.time()
             group.cache_latents(components.vae, vae_batch_size=args.vae_batch_size, cache_to_disk=True)
-            return len(group.images) - before
+            written = {i.npz_path for i in group.images if i.npz_path}
+            return sum(1 for path in written if os.path.getmtime(path) >= started)
         from library.te_cache import TextEncoderOutputCache
 
         for te in components.text_encoders:
