@@ -135,7 +135,8 @@ class NetworkTrainer:
         self.final_path = ""
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def setup(self, components: Any = None) -> None:
+        """Everything before the first step; `components` (already built models) skips loading (benchmarks)."""
         from accelerate import Accelerator
 
         args = self.args
@@ -160,7 +161,7 @@ class NetworkTrainer:
         self.noise_generator = torch.Generator().manual_seed(args.seed if args.seed is not None else
                                                              int(torch.randint(0, 2**31, ()).item()))
         self.model_dtype, self.network_dtype = weight_dtypes(args, self.device)
-        self.components = load_components(args, self.sdxl, torch.float32)
+        self.components = components if components is not None else load_components(args, self.sdxl, torch.float32)
         self.arch = self.components.arch
         self.v_param = bool(args.v_parameterization or self.components.v_parameterization)
         args.v_parameterization = self.v_param
@@ -216,7 +217,7 @@ class NetworkTrainer:
             c.vae = None
         if self.te_cache is not None and not sampling:
             c.text_encoders = [None] * len(c.text_encoders)
-        gc.collect()
+        release_memory()
 
     def _enable_gradient_checkpointing(self) -> None:
         c = self.components
@@ -496,6 +497,19 @@ class NetworkTrainer:
                               clip_skip=args.clip_skip, autocast_dtype=autocast, networks=[])
         self.samples.extend(paths)
         del net
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise; RSS stays high)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -1,0 +1,304 @@
+"""Benchmark LoRA training: seconds per step and peak memory, against the frozen model's floor.
+
+    python bench/bench_train.py --arch sd1 --size full --resolution 512 --batch 1 --dim 4 --precision fp32
+    python bench/bench_train.py --arch sdxl --size full --resolution 512 --unet_only --cache_text_encoder_outputs \
+        --gradient_checkpointing --precision bf16 --full_bf16
+
+Two measurements, each in its own process (so each peak RSS is its own):
+- `lora`: the real trainer (library.network_trainer) on random-weight models of the given size, with a small
+  synthetic dataset at the resolution, latents cached (unless --no_cache_latents);
+- `floor`: the same frozen models doing only what no LoRA step can avoid: U-Net forward and backward to its
+  input (and, when the text encoder is trained, its forward and backward to the token embeddings).
+The ratio lora/floor shows the cost of the LoRA itself. Prints a table and writes JSON (--json).
+Peak RSS is reported for the whole process and for the training phase (reset after setup, Linux).
+See docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sd2-v", "sdxl"], help="architecture")
+    p.add_argument("--size", default="tiny", choices=["tiny", "full"], help="tiny (tests) or full (real sizes)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 512; tiny: 64)")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--dim", type=int, default=4, help="LoRA rank (alpha = dim)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="mixed precision")
+    p.add_argument("--full_bf16", action="store_true", help="bf16 network and gradients (with --precision bf16)")
+    p.add_argument("--full_fp16", action="store_true", help="fp16 network and gradients (with --precision fp16)")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--no_cache_latents", action="store_true", help="encode images with the VAE every step")
+    p.add_argument("--cache_text_encoder_outputs", action="store_true", help="SDXL: cache the TE outputs")
+    p.add_argument("--unet_only", action="store_true", help="train only the U-Net LoRA (--network_train_unet_only)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--modes", default="lora,floor", help="which measurements: lora, floor or both")
+    p.add_argument("--json", default=None, help="write the results here (default bench/results/<config>.json)")
+    p.add_argument("--worker", default=None, choices=["lora", "floor"], help=argparse.SUPPRESS)
+    return p
+
+
+# ------------------------------------------------------------------------------------------- measuring
+def _read_status(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux: write 5 to clear_refs) so the training phase's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def process_peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model_dtype(opts: argparse.Namespace):
+    import torch
+
+    if opts.precision == "bf16":
+        return torch.bfloat16
+    if opts.precision == "fp16" and _device().type == "cuda":
+        return torch.float16
+    return torch.float32
+
+
+def build_random_models(opts: argparse.Namespace):
+    """Random-weight models created directly in the frozen-model dtype (no fp32 copy on the way)."""
+    import torch
+
+    from library.sd_configs import build_models
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(_model_dtype(opts))
+    try:
+        return build_models(opts.arch, opts.size, seed=0)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def synthetic_dataset(folder: Path, resolution: int, batch: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    img = folder / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(max(2, batch)):
+        Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(img / f"{i}.png")
+        (img / f"{i}.caption").write_text(f"a photo of sks, picture {i}")
+    toml = folder / "dataset.toml"
+    toml.write_text(f'[general]\ncaption_extension = ".caption"\n[[datasets]]\nresolution = {resolution}\n'
+                    f'batch_size = {batch}\n[[datasets.subsets]]\nimage_dir = "{img.as_posix()}"\nnum_repeats = 50\n')
+    return str(toml)
+
+
+def trainer_args(opts: argparse.Namespace, toml: str, out: Path) -> argparse.Namespace:
+    from library import train_args
+    from library.dataset_config import add_dataset_arguments
+
+    argv = ["--pretrained_model_name_or_path", "random-weights", "--dataset_config", toml, "--output_dir", str(out),
+            "--network_module", "networks.lora", "--network_dim", str(opts.dim), "--network_alpha", str(opts.dim),
+            "--learning_rate", "1e-4", "--seed", "0", "--max_data_loader_n_workers", "0",
+            "--mixed_precision", "no" if opts.precision == "fp32" else opts.precision,
+            "--max_train_steps", str(opts.warmup + opts.steps)]
+    flags = {"--full_bf16": opts.full_bf16, "--full_fp16": opts.full_fp16, "--cache_latents": not opts.no_cache_latents,
+             "--gradient_checkpointing": opts.gradient_checkpointing, "--network_train_unet_only": opts.unet_only,
+             "--cache_text_encoder_outputs": opts.cache_text_encoder_outputs}
+    argv += [flag for flag, on in flags.items() if on]
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    train_args.add_all_training_arguments(parser, sdxl=True)
+    return parser.parse_args(argv)
+
+
+def _timed(step, n_warmup: int, n_steps: int) -> list[float]:
+    import torch
+
+    times = []
+    for i in range(n_warmup + n_steps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= n_warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def run_lora(opts: argparse.Namespace, tmp: Path) -> list[float]:
+    from library.network_trainer import NetworkTrainer
+    from library.train_state import Progress
+
+    args = trainer_args(opts, synthetic_dataset(tmp, opts.resolution, opts.batch), tmp / "out")
+    components = build_random_models(opts)
+    trainer = NetworkTrainer(args, components.is_sdxl)
+    trainer.setup(components=components)
+    del components
+    progress = Progress()
+    batches = trainer.batches(0, 0)
+    reset_peak_rss()
+
+    def step():
+        trainer.step(next(batches), progress)
+        progress.batches_in_epoch += 1
+
+    return _timed(step, opts.warmup, opts.steps)
+
+
+def run_floor(opts: argparse.Namespace, tmp: Path) -> list[float]:
+    """Frozen models: U-Net forward + backward to its input (+ text encoder to its embeddings when trained)."""
+    import torch
+
+    from library.network_trainer import release_memory, set_attention
+    from library.text_encoding import encode_tokens, tokenize
+
+    c = build_random_models(opts)
+    device, dtype = _device(), _model_dtype(opts)
+    train_te = not opts.unet_only and not opts.cache_text_encoder_outputs
+    for m in (c.unet, *c.text_encoders):
+        m.requires_grad_(False).eval().to(device)
+    set_attention(c.unet, argparse.Namespace(xformers=False))
+    if opts.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        c.unet.train()
+    ids = [tokenize(t, ["a photo of sks, picture 0"] * opts.batch).to(device) for t in c.tokenizers]
+    with torch.no_grad():
+        fixed_hidden, fixed_pooled = encode_tokens(c.text_encoders, ids, None, c.is_sdxl, tokenizers=c.tokenizers)
+    if not train_te:
+        c.text_encoders = []
+    c.vae = None
+    release_memory()
+    hooks = [te.get_input_embeddings().register_forward_hook(lambda m, i, o: o.detach().requires_grad_())
+             for te in c.text_encoders]
+    side = opts.resolution // 8
+    latents = torch.randn(opts.batch, 4, side, side, device=device)
+    t = torch.full((opts.batch,), 500, device=device)
+    size = float(opts.resolution)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * opts.batch, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    reset_peak_rss()
+
+    def step():
+        noisy = latents.clone().to(dtype).requires_grad_()
+        if train_te:
+            hidden, pooled = encode_tokens(c.text_encoders, ids, None, c.is_sdxl, tokenizers=c.tokenizers)
+        else:
+            hidden, pooled = fixed_hidden, fixed_pooled
+        kwargs = {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}} \
+            if c.is_sdxl else {}
+        with autocast:
+            pred = c.unet(noisy, t, hidden.to(dtype), **kwargs).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), latents)
+        loss.backward()
+
+    times = _timed(step, opts.warmup, opts.steps)
+    for h in hooks:
+        h.remove()
+    return times
+
+
+def worker(opts: argparse.Namespace) -> dict:
+    import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        times = (run_lora if opts.worker == "lora" else run_floor)(opts, Path(tmp))
+    result = {"mode": opts.worker, "sec_per_step": statistics.median(times), "step_times": times,
+              "peak_rss_gib": process_peak_rss_gib(), "peak_rss_training_gib": _read_status("VmHWM"),
+              "device": str(_device()), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        result["cuda_max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+# ------------------------------------------------------------------------------------------- driver
+def config_name(opts: argparse.Namespace) -> str:
+    parts = [opts.arch, opts.size, f"{opts.resolution}px", f"b{opts.batch}", f"dim{opts.dim}", opts.precision]
+    parts += [name for name, on in (("fullbf16", opts.full_bf16), ("fullfp16", opts.full_fp16),
+                                    ("gc", opts.gradient_checkpointing), ("nocache", opts.no_cache_latents),
+                                    ("teCache", opts.cache_text_encoder_outputs), ("unet", opts.unet_only)) if on]
+    return "_".join(parts)
+
+
+def run_worker_process(opts: argparse.Namespace, mode: str, argv: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, __file__, *argv, "--worker", mode], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: the {mode} measurement failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(results: list[dict], ratio: float | None) -> str:
+    lines = [f"{'mode':<6} {'s/step':>8} {'peak RSS GiB':>13} {'train RSS GiB':>14} {'CUDA GiB':>9}"]
+    for r in results:
+        cuda = r.get("cuda_max_memory_allocated_gib")
+        lines.append(f"{r['mode']:<6} {r['sec_per_step']:>8.3f} {r['peak_rss_gib']:>13.2f} "
+                     f"{r['peak_rss_training_gib']:>14.2f} {'-' if cuda is None else f'{cuda:.2f}':>9}")
+    if ratio is not None:
+        lines.append(f"LoRA step / floor: {ratio:.3f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = build_parser().parse_args(argv)
+    if opts.resolution is None:
+        opts.resolution = 64 if opts.size == "tiny" else 512
+    if opts.resolution % 64:
+        raise SystemExit(f"error: --resolution {opts.resolution}: must be a multiple of 64")
+    if opts.cache_text_encoder_outputs and not opts.unet_only:
+        raise SystemExit("error: --cache_text_encoder_outputs needs --unet_only")
+    if opts.worker:
+        print(json.dumps(worker(opts)))
+        return
+    modes = [m for m in opts.modes.split(",") if m]
+    if not set(modes) <= {"lora", "floor"}:
+        raise SystemExit(f"error: --modes {opts.modes}: expected lora, floor or both")
+    results = [run_worker_process(opts, mode, argv) for mode in modes]
+    by_mode = {r["mode"]: r for r in results}
+    ratio = by_mode["lora"]["sec_per_step"] / by_mode["floor"]["sec_per_step"] if len(by_mode) == 2 else None
+    report = {"config": config_name(opts), "options": {k: v for k, v in vars(opts).items() if k != "worker"},
+              "results": results, "lora_over_floor": ratio}
+    out = Path(opts.json) if opts.json else ROOT / "bench" / "results" / f"{config_name(opts)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"{config_name(opts)}\n{format_table(results, ratio)}\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()

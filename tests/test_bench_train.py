@@ -1,0 +1,31 @@
+"""bench/bench_train.py at --size tiny: both measurements run, the table and the JSON hold real numbers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_tiny_writes_table_and_json(tmp_path):
+    out = tmp_path / "r.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--size", "tiny", "--threads", "1",
+                           "--steps", "2", "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LoRA step / floor:" in proc.stdout and "sd1_tiny_64px_b1_dim4_fp32" in proc.stdout
+    report = json.loads(out.read_text())
+    modes = {r["mode"]: r for r in report["results"]}
+    assert set(modes) == {"lora", "floor"}
+    for r in modes.values():
+        assert len(r["step_times"]) == 2 and r["sec_per_step"] > 0 and 0.1 < r["peak_rss_gib"] < 8
+    assert report["lora_over_floor"] == modes["lora"]["sec_per_step"] / modes["floor"]["sec_per_step"]
+
+
+def test_bench_rejects_bad_options():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--resolution", "500"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "--resolution 500: must be a multiple of 64" in proc.stderr
