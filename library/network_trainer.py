@@ -112,6 +112,18 @@ def create_network(args: argparse.Namespace, components: Any) -> tuple[Any, Any,
     return network, module, net_kwargs
 
 
+def merge_base_weights(args: argparse.Namespace, components: Any) -> None:
+    """--base_weights: merge these LoRA files into the model before training (with their multipliers)."""
+    module = importlib.import_module(args.network_module)
+    multipliers = args.base_weights_multiplier or []
+    for i, path in enumerate(args.base_weights):
+        mult = multipliers[i] if i < len(multipliers) else 1.0
+        net, weights = module.create_network_from_weights(mult, path, components.vae, components.text_encoder,
+                                                          components.unet, for_inference=True)
+        net.merge_to(components.text_encoder, components.unet, weights)
+        logger.info("merged base weights %s (multiplier %s)", path, mult)
+
+
 def optimizer_groups(network: Any, args: argparse.Namespace) -> list[Any]:
     result = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     if isinstance(result, tuple):  # newer kohya API: (params, lr descriptions)
@@ -173,6 +185,8 @@ class NetworkTrainer:
             return
         self.noise_scheduler = noise.make_noise_scheduler(self.components.scheduler_config, self.v_param,
                                                           args.zero_terminal_snr)
+        if args.base_weights:
+            merge_base_weights(args, self.components)
         self._freeze_models()
         self._cache_inputs()
         if args.seed is not None:  # the network's init and the training stream must not depend on what was cached
@@ -241,6 +255,8 @@ class NetworkTrainer:
         if args.max_train_epochs:
             args.max_train_steps = args.max_train_epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(args.max_train_steps / self.steps_per_epoch)
+        if args.save_n_epoch_ratio:
+            args.save_every_n_epochs = max(1, self.num_epochs // args.save_n_epoch_ratio)
         name = result.scheduler_override or args.lr_scheduler_type or args.lr_scheduler
         scheduler = lr_schedulers.build_scheduler(
             name, result.optimizer, args.max_train_steps * self.accelerator.num_processes,
@@ -329,7 +345,15 @@ class NetworkTrainer:
         self.namer = namer
         self.metadata = self._metadata()
         if self.accelerator.is_main_process and (args.log_with or args.logging_dir):
-            self.accelerator.init_trackers(args.log_tracker_name or "network_train", config=None)
+            init_kwargs = {}
+            if args.log_tracker_config:
+                import toml
+
+                init_kwargs = toml.load(args.log_tracker_config)
+            if args.wandb_run_name:
+                init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+            self.accelerator.init_trackers(args.log_tracker_name or "network_train", config=None,
+                                           init_kwargs=init_kwargs)
         logger.info("training: %d batches per epoch, %d epochs, %d steps, %d trainable tensors",
                     len(self.dataset), self.num_epochs, args.max_train_steps, len(self.trainable))
         from tqdm import tqdm

@@ -321,6 +321,14 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     _need(args.noise_offset is not None or args.adaptive_noise_scale is None,
           "--adaptive_noise_scale needs --noise_offset")
     _need(args.network_dropout is None or 0 <= args.network_dropout < 1, "--network_dropout must be in [0, 1)")
+    if args.log_with in ("wandb", "all"):
+        _need(importlib.util.find_spec("wandb") is not None,
+              f"--log_with {args.log_with}: needs the pip package 'wandb' (pip install wandb)")
+        if args.wandb_api_key:
+            os.environ.setdefault("WANDB_API_KEY", args.wandb_api_key)
+    _exists(args.log_tracker_config, "--log_tracker_config")
+    _need(not args.base_weights_multiplier or len(args.base_weights_multiplier) <= len(args.base_weights or []),
+          "--base_weights_multiplier: more multipliers than --base_weights files")
     problem = attention_problem(args)
     if problem:
         raise ValueError(problem)

@@ -89,3 +89,25 @@ def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, 
         assert next(iter(sd.values())).dtype == torch.float16
 
 
+
+
+def test_network_weights_and_base_weights(model, dataset, tmp_path):
+    first = train(base_args(model, dataset, tmp_path / "a", "--max_train_steps", "3", "--learning_rate", "1e-2",
+                            "--network_train_unet_only"))
+    lora_a = tmp_path / "a" / "lora.safetensors"
+    a = load_state_dict(lora_a)
+    # --network_weights: training starts from the file (lr 0 keeps it unchanged)
+    train(base_args(model, dataset, tmp_path / "b", "--max_train_steps", "1", "--learning_rate", "0",
+                    "--network_train_unet_only", "--network_weights", str(lora_a)))
+    b = load_state_dict(tmp_path / "b" / "lora.safetensors")
+    assert b.keys() == a.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --base_weights: the file is merged into the model; the new network starts at zero on top of it
+    merged = train(base_args(model, dataset, tmp_path / "c", "--max_train_steps", "1", "--learning_rate", "0",
+                             "--network_train_unet_only", "--base_weights", str(lora_a),
+                             "--base_weights_multiplier", "1.0"))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with_a = first.components.unet(x, torch.tensor([300]), cond).sample
+        got = merged.components.unet(x, torch.tensor([300]), cond).sample
+    torch.testing.assert_close(got, with_a, rtol=1e-4, atol=1e-5)
