@@ -95,3 +95,20 @@ def test_sdxl_refusals(tmp_path):
     a = _parser(True).parse_args(_valid(tmp_path, "--weighted_captions"))
     with pytest.raises(ValueError, match="--weighted_captions is not supported for SDXL"):
         train_args.validate_args(a, sdxl=True)
+
+
+def test_every_training_option_is_documented():
+    from pathlib import Path
+
+    from library.dataset_config import add_dataset_arguments
+
+    root = Path(__file__).resolve().parent.parent
+    docs = (root / "docs" / "train_network.md").read_text() + (root / "docs" / "dataset_config.md").read_text() + \
+        (root / "docs" / "sdxl_train_network.md").read_text()
+    p = argparse.ArgumentParser()
+    add_dataset_arguments(p)
+    train_args.add_all_training_arguments(p, sdxl=True)
+    missing = [a.option_strings[0] for a in p._actions if a.option_strings and a.option_strings[0] != "-h"
+               and a.help != argparse.SUPPRESS and f"`{a.option_strings[0]}`" not in docs
+               and f"`{a.dest}`" not in docs and f"`{a.dest} " not in docs]  # dataset options: TOML key names
+    assert not missing, missing

@@ -143,3 +143,25 @@ def test_refused_combinations_fail_before_any_model_loads(model, tmp_path, monke
     with pytest.raises(SystemExit) as e:
         network_trainer.main(base_args(model, data, tmp_path / "out", *extra), sdxl=True)
     assert message in str(e.value)
+
+
+def test_docs_worked_example(model, tmp_path, monkeypatch, capsys):
+    """The worked example of docs/sdxl_train_network.md, with the tiny model of the test cache."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from library.network_trainer import main
+    from tests.train_helpers import reset_accelerate
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "sdxl_train_network.md").read_text()
+    command = re.search(r"python sdxl_train_network.py (.*?)\n```", doc, re.S).group(1)
+    argv = shlex.split(command.replace("\\\n", " "))
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = model
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "out")
+    monkeypatch.chdir(root)
+    reset_accelerate()
+    main(argv, sdxl=True)
+    assert f"LoRA saved: {tmp_path / 'out' / 'lora.safetensors'}" in capsys.readouterr().out
+    assert read_metadata(tmp_path / "out" / "lora.safetensors")["ss_steps"] == "8"
