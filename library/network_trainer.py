@@ -173,7 +173,9 @@ class NetworkTrainer:
         self.noise_generator = torch.Generator().manual_seed(args.seed if args.seed is not None else
                                                              int(torch.randint(0, 2**31, ()).item()))
         self.model_dtype, self.network_dtype = weight_dtypes(args, self.device)
-        self.components = components if components is not None else load_components(args, self.sdxl, torch.float32)
+        # Load straight into the frozen-model precision (no fp32 copy), unless the VAE must stay fp32.
+        load_dtype = torch.float32 if args.no_half_vae else self.model_dtype
+        self.components = components if components is not None else load_components(args, self.sdxl, load_dtype)
         self.arch = self.components.arch
         self.v_param = bool(args.v_parameterization or self.components.v_parameterization)
         args.v_parameterization = self.v_param
@@ -290,7 +292,7 @@ class NetworkTrainer:
         weights = batch.get("input_weights") if args.weighted_captions else None
         if weights is not None:
             weights = [w.to(self.device) for w in weights] if isinstance(weights, (list, tuple)) else weights.to(self.device)
-        with torch.set_grad_enabled(self.train_te):
+        with torch.set_grad_enabled(self.train_te), self.accelerator.autocast():
             return encode_tokens(c.text_encoders, ids, args.clip_skip, self.sdxl, weights, tokenizers=c.tokenizers,
                                  max_token_length=args.max_token_length)
 
@@ -325,7 +327,13 @@ class NetworkTrainer:
             pred = self.components.unet(noisy.to(self.model_dtype), timesteps, hidden.to(self.model_dtype),
                                         **kwargs).sample
         target = noise.training_target(latents, noise_t, timesteps, self.noise_scheduler, self.v_param)
-        per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        elementwise = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+        masks = batch.get("alpha_masks")
+        if masks is not None:  # --alpha_mask: transparent pixels do not count (mask at latent resolution)
+            masks = torch.nn.functional.interpolate(masks.to(elementwise).unsqueeze(1),
+                                                    size=elementwise.shape[2:], mode="area")
+            elementwise = elementwise * masks
+        per_sample = elementwise.mean(dim=(1, 2, 3))
         weights = batch.get("loss_weights")
         if weights is not None:
             per_sample = per_sample * weights.to(per_sample)

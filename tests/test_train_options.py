@@ -58,6 +58,8 @@ def test_epoch_saves_pruning_state_samples_and_logs(model, tmp_path):
     (["--noise_offset", "0.1", "--adaptive_noise_scale", "0.01", "--multires_noise_iterations", "3"], "noise"),
     (["--gradient_checkpointing", "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16",
       "--save_precision", "fp16", "--no_metadata"], "ckpt"),
+    (["--mixed_precision", "fp16", "--network_train_unet_only"], "fp16"),
+    (["--mixed_precision", "bf16", "--full_bf16", "--network_train_unet_only"], "full_bf16"),
 ])
 def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, extra, check):
     out = tmp_path / "out"
@@ -82,6 +84,11 @@ def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, 
         assert meta["ss_min_snr_gamma"] == "5.0"
     elif check == "noise":
         assert meta["ss_noise_offset"] == "0.1" and meta["ss_multires_noise_iterations"] == "3"
+    elif check == "fp16":  # no CPU autocast for fp16: runs in fp32, still trains
+        assert trainer.components.unet.dtype == torch.float32 and meta["ss_mixed_precision"] == "fp16"
+    elif check == "full_bf16":
+        assert trainer.components.unet.dtype == torch.bfloat16 and next(iter(sd.values())).dtype == torch.bfloat16
+        assert meta["ss_full_bf16"] == "True"
     else:
         assert len(trainer.step_losses) == 2 and trainer.progress.global_step == 2
         assert trainer.steps_per_epoch == 2 and trainer.progress.epoch == 1  # 4 batches, 2 per optimizer step
@@ -111,3 +118,23 @@ def test_network_weights_and_base_weights(model, dataset, tmp_path):
         with_a = first.components.unet(x, torch.tensor([300]), cond).sample
         got = merged.components.unet(x, torch.tensor([300]), cond).sample
     torch.testing.assert_close(got, with_a, rtol=1e-4, atol=1e-5)
+
+
+def test_alpha_mask_ignores_transparent_pixels(model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent
+    Image.fromarray(rgba, "RGBA").save(img_dir / "clear.png")
+    (img_dir / "clear.caption").write_text("sks")
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[general]\ncaption_extension = ".caption"\n[[datasets]]\nresolution = 64\n'
+                    f'[[datasets.subsets]]\nimage_dir = "{img_dir.as_posix()}"\nalpha_mask = true\n')
+    masked = train(base_args(model, str(toml), tmp_path / "a", "--max_train_steps", "2"))
+    assert masked.step_losses == [0.0, 0.0]  # every pixel is transparent: nothing to learn
+    toml.write_text(toml.read_text().replace("alpha_mask = true", "alpha_mask = false"))
+    plain = train(base_args(model, str(toml), tmp_path / "b", "--max_train_steps", "2"))
+    assert all(loss > 0.1 for loss in plain.step_losses)
