@@ -82,11 +82,21 @@ def set_attention(unet: torch.nn.Module, args: argparse.Namespace) -> None:
         unet.set_attn_processor(AttnProcessor2_0())
 
 
+def parse_network_args(items: list[str] | None) -> dict[str, str]:
+    """`--network_args "conv_dim=4" "down_lr_weight=0,0,1"` -> raw strings, as sd-scripts hands them over."""
+    kwargs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--network_args {item!r}: expected key=value")
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
 def create_network(args: argparse.Namespace, components: Any) -> tuple[Any, Any, dict[str, Any]]:
     """Import --network_module, create (or load) the network and apply it; returns (network, module, kwargs)."""
     module = importlib.import_module(args.network_module)
-    net_kwargs = dict(optimizers.parse_kwargs(args.network_args, "--network_args"))
-    net_kwargs = {k: (",".join(map(str, v)) if isinstance(v, tuple) else str(v)) for k, v in net_kwargs.items()}
+    net_kwargs = parse_network_args(args.network_args)
     # Frozen text encoders get no LoRA modules at all (rather than created and dropped by apply_to), so the
     # network's random init does not depend on whether their outputs were cached.
     te = components.text_encoder if not args.network_train_unet_only else \
@@ -222,11 +232,11 @@ class NetworkTrainer:
                 self.dataset.cache_latents(c.vae, vae_batch_size=getattr(args, "vae_batch_size", 1),
                                            cache_to_disk=getattr(args, "cache_latents_to_disk", False))
         self.te_cache = None
-        if getattr(args, "cache_text_encoder_outputs", False):
+        if getattr(args, "cache_text_encoder_outputs", False) or self._te_outputs_fixed():
             from library.te_cache import TextEncoderOutputCache
 
             self.te_cache = TextEncoderOutputCache.build(self.dataset, c, args, self.device,
-                                                         to_disk=args.cache_text_encoder_outputs_to_disk)
+                                                         to_disk=getattr(args, "cache_text_encoder_outputs_to_disk", False))
         sampling = bool(args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs
                                                   or args.sample_at_first))
         if getattr(args, "cache_latents", False) and not sampling:
@@ -234,6 +244,19 @@ class NetworkTrainer:
         if self.te_cache is not None and not sampling:
             c.text_encoders = [None] * len(c.text_encoders)
         release_memory()
+
+    def _te_outputs_fixed(self) -> bool:
+        """U-Net-only training on cached latents with captions that never change: the text encoders' outputs
+        are constants, so they are cached automatically (same results, less memory and time)."""
+        args = self.args
+        if not (args.network_train_unet_only and getattr(args, "cache_latents", False)) or args.weighted_captions:
+            return False
+        try:
+            train_args.check_captions_fixed(self.data_config)
+        except ValueError:
+            return False
+        logger.info("U-Net-only training with fixed captions: caching the text encoder outputs")
+        return True
 
     def _enable_gradient_checkpointing(self) -> None:
         c = self.components

@@ -329,6 +329,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     _exists(args.log_tracker_config, "--log_tracker_config")
     _need(not args.base_weights_multiplier or len(args.base_weights_multiplier) <= len(args.base_weights or []),
           "--base_weights_multiplier: more multipliers than --base_weights files")
+    from library.network_trainer import parse_network_args
+
+    parse_network_args(args.network_args)
     problem = attention_problem(args)
     if problem:
         raise ValueError(problem)

@@ -48,6 +48,8 @@ def test_loss_falls_and_saved_lora_reproduces_outputs(model, dataset, tmp_path):
                               "--min_timestep", "500", "--max_timestep", "501", "--network_train_unet_only",
                               "--training_comment", "unit test"))
     losses = trainer.step_losses
+    # U-Net only on cached latents, fixed captions: text-encoder outputs cached automatically, encoder freed
+    assert trainer.te_cache is not None and trainer.components.text_encoders == [None]
     assert len(losses) == 40 and sum(losses[-10:]) < 0.9 * sum(losses[:10])
     before, after = _fixed_loss(trainer, 0.0), _fixed_loss(trainer, 1.0)
     assert after < 0.9 * before, (before, after)
