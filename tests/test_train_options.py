@@ -138,3 +138,15 @@ def test_alpha_mask_ignores_transparent_pixels(model, tmp_path):
     toml.write_text(toml.read_text().replace("alpha_mask = true", "alpha_mask = false"))
     plain = train(base_args(model, str(toml), tmp_path / "b", "--max_train_steps", "2"))
     assert all(loss > 0.1 for loss in plain.step_losses)
+
+
+def test_sd2_768_v_model_trains_with_v_parameterization(tmp_path):
+    model = tiny_model_dir(arch="sd2-v")
+    data = solid_dataset(tmp_path)
+    trainer = train(base_args(model, data, tmp_path / "out", "--max_train_steps", "2", "--v2",
+                              "--v_parameterization"))
+    meta = read_metadata(tmp_path / "out" / "lora.safetensors")
+    assert meta["ss_base_model_version"] == "sd_v2_768_v" and meta["ss_v2"] == "True"
+    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    sd = load_state_dict(tmp_path / "out" / "lora.safetensors")
+    assert any(k.startswith("lora_te_") for k in sd) and any(k.startswith("lora_unet_") for k in sd)

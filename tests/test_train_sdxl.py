@@ -169,3 +169,22 @@ def test_docs_worked_example(model, tmp_path, monkeypatch, capsys):
     main(argv, sdxl=True)
     assert f"LoRA saved: {tmp_path / 'out' / 'lora.safetensors'}" in capsys.readouterr().out
     assert read_metadata(tmp_path / "out" / "lora.safetensors")["ss_steps"] == "8"
+
+
+def test_sdxl_block_dims_and_block_lr_weights(model, dataset, tmp_path):
+    dims = [2] * 10 + [4] * 3 + [8] * 10  # 23 values: in 0..9 (time embed + 9 input), 3 mid, 9 output + out
+    weights = ",".join(["0"] * 3 + ["1"] * 6)  # 9 down blocks: the first three not trained
+    trainer = train(base_args(model, dataset, tmp_path / "out", "--max_train_steps", "1", "--network_train_unet_only",
+                              "--network_args", f"block_dims={','.join(map(str, dims))}",
+                              f"block_alphas={','.join(map(str, dims))}", f"down_lr_weight={weights}",
+                              "mid_lr_weight=1,1,1", "up_lr_weight=" + ",".join(["1"] * 9)), sdxl=True)
+    sd = load_state_dict(tmp_path / "out" / "lora.safetensors")
+    ranks = {k.split(".")[0]: v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")}
+    mids = [r for k, r in ranks.items() if k.startswith("lora_unet_middle_block")]
+    outs = [r for k, r in ranks.items() if k.startswith("lora_unet_output_blocks")]
+    ins = [r for k, r in ranks.items() if k.startswith("lora_unet_input_blocks")]
+    assert mids and set(mids) == {4} and outs and set(outs) == {8} and ins and set(ins) == {2}
+    names = [n for n in trainer.lr_logs() if not n.startswith("lr/d*lr")]
+    assert len(names) > 2  # one parameter group per block with block learning rates
+    meta = read_metadata(tmp_path / "out" / "lora.safetensors")
+    assert "block_dims" in meta["ss_network_args"]
