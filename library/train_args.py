@@ -170,6 +170,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--sample_sampler", type=str, default="ddim", choices=SAMPLER_NAMES, help="sampler (default ddim)")
 
 
+_HUB_OPTIONS = ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+                "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload")
+
+
+def add_huggingface_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("huggingface", "accepted for command-line compatibility; uploads are not supported")
+    for name in _HUB_OPTIONS:
+        if name in ("save_state_to_huggingface", "resume_from_huggingface", "async_upload"):
+            _add(g, f"--{name}", action="store_true", help="not supported: an error (upload the files yourself)")
+        else:
+            _add(g, f"--{name}", type=str, default=None, help="not supported: an error (upload the files yourself)")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("config file")
     _add(g, "--config_file", type=str, default=None, help="read arguments from this TOML file (command line wins)")
@@ -192,6 +205,7 @@ def add_all_training_arguments(parser: argparse.ArgumentParser, sdxl: bool = Fal
     add_logging_arguments(parser)
     add_sampling_arguments(parser)
     add_config_arguments(parser)
+    add_huggingface_arguments(parser)
     if sdxl:
         add_sdxl_arguments(parser)
 
@@ -292,6 +306,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     """Check every flag combination and input path; raises ValueError / FileNotFoundError with one line."""
     from library import lr_schedulers, optimizers
 
+    for name in _HUB_OPTIONS:
+        _need(not getattr(args, name, None), f"--{name}: uploading to / resuming from the Hugging Face hub is not "
+              "supported; train locally and upload the files yourself")
     _need(bool(args.pretrained_model_name_or_path), "--pretrained_model_name_or_path is required (model to train on)")
     _exists(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     _exists(args.vae, "--vae")

@@ -62,6 +62,7 @@ def test_config_sections_flattened_and_unknown_key(tmp_path):
     (["--adaptive_noise_scale", "0.1"], "needs --noise_offset"),
     (["--resume", "/no/such/state"], "--resume"),
     (["--network_weights", "/no/such.safetensors"], "--network_weights /no/such.safetensors"),
+    (["--huggingface_repo_id", "me/x"], "--huggingface_repo_id: uploading"),
 ])
 def test_bad_arguments_fail_with_clear_message(tmp_path, extra, message):
     a = _parser().parse_args(_valid(tmp_path, *extra))
