@@ -338,6 +338,8 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     _need(args.noise_offset is not None or args.adaptive_noise_scale is None,
           "--adaptive_noise_scale needs --noise_offset")
     _need(args.network_dropout is None or 0 <= args.network_dropout < 1, "--network_dropout must be in [0, 1)")
+    _need(args.log_with not in ("tensorboard", "all") or bool(args.logging_dir),
+          f"--log_with {args.log_with} needs --logging_dir (the folder of the TensorBoard logs)")
     if args.log_with in ("wandb", "all"):
         _need(importlib.util.find_spec("wandb") is not None,
               f"--log_with {args.log_with}: needs the pip package 'wandb' (pip install wandb)")

@@ -59,6 +59,7 @@ def test_epoch_saves_pruning_state_samples_and_logs(model, tmp_path):
     (["--gradient_checkpointing", "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16",
       "--save_precision", "fp16", "--no_metadata"], "ckpt"),
     (["--mixed_precision", "fp16", "--network_train_unet_only"], "fp16"),
+    (["--scale_weight_norms", "0.05", "--learning_rate", "0.1", "--network_train_unet_only"], "max_norm"),
     (["--mixed_precision", "bf16", "--full_bf16", "--network_train_unet_only"], "full_bf16"),
 ])
 def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, extra, check):
@@ -84,6 +85,12 @@ def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, 
         assert meta["ss_min_snr_gamma"] == "5.0"
     elif check == "noise":
         assert meta["ss_noise_offset"] == "0.1" and meta["ss_multires_noise_iterations"] == "3"
+    elif check == "max_norm":  # every module's delta weight (up @ down * alpha / dim) is scaled to norm <= 0.05
+        for key in [k for k in sd if k.endswith("lora_down.weight")]:
+            name = key[: -len(".lora_down.weight")]
+            down, up = sd[key].flatten(1), sd[f"{name}.lora_up.weight"].flatten(1)
+            scale = sd[f"{name}.alpha"].item() / down.shape[0]
+            assert (up @ down * scale).norm().item() <= 0.05 * 1.001
     elif check == "fp16":  # no CPU autocast for fp16: runs in fp32, still trains
         assert trainer.components.unet.dtype == torch.float32 and meta["ss_mixed_precision"] == "fp16"
     elif check == "full_bf16":
@@ -108,6 +115,13 @@ def test_network_weights_and_base_weights(model, dataset, tmp_path):
                     "--network_train_unet_only", "--network_weights", str(lora_a)))
     b = load_state_dict(tmp_path / "b" / "lora.safetensors")
     assert b.keys() == a.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --dim_from_weights: the rank comes from the file (here 4, although --network_dim says 8)
+    argv = base_args(model, dataset, tmp_path / "d", "--max_train_steps", "1", "--learning_rate", "0",
+                     "--network_train_unet_only", "--network_weights", str(lora_a), "--dim_from_weights")
+    argv[argv.index("--network_dim") + 1] = "8"
+    train(argv)
+    d = load_state_dict(tmp_path / "d" / "lora.safetensors")
+    assert d.keys() == a.keys() and all(torch.equal(a[k], d[k]) for k in a)
     # --base_weights: the file is merged into the model; the new network starts at zero on top of it
     merged = train(base_args(model, dataset, tmp_path / "c", "--max_train_steps", "1", "--learning_rate", "0",
                              "--network_train_unet_only", "--base_weights", str(lora_a),
