@@ -179,7 +179,10 @@ class NetworkTrainer:
         if self.train_te:
             for te in c.text_encoders:
                 if te is not None:
-                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    if hasattr(te, "activation_checkpointing_enable"):  # transformers 5 name
+                        te.activation_checkpointing_enable({"use_reentrant": False})
+                    else:
+                        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                     te.train()
         if hasattr(self.network, "enable_gradient_checkpointing"):
             self.network.enable_gradient_checkpointing()
