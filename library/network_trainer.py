@@ -139,7 +139,8 @@ class NetworkTrainer:
         """Cache latents (and SDXL text-encoder outputs) then drop the models nothing needs any more."""
         args, c = self.args, self.components
         self.latent_scale = float(c.vae.config.scaling_factor)
-        vae_dtype = torch.float32 if (args.no_half_vae or self.sdxl and self.model_dtype == torch.float16) else self.model_dtype
+        fp32_vae = args.no_half_vae or (self.sdxl and self.model_dtype == torch.float16)  # SDXL's VAE: NaN in fp16
+        vae_dtype = torch.float32 if fp32_vae else self.model_dtype
         _place(c.vae, self.device, vae_dtype)
         if getattr(args, "cache_latents", False):
             with torch.no_grad():
