@@ -216,9 +216,14 @@ class NetworkTrainer:
         """The batches of `epoch` (order fixed by seed and epoch), skipping the first `skip` (resume)."""
         from library.datasets import make_data_loader
 
-        self.dataset.set_epoch(epoch + 1)
-        loader = make_data_loader(self.dataset, self.args.max_data_loader_n_workers,
-                                  self.args.persistent_data_loader_workers, skip_batches=skip)
+        self.dataset.set_epoch(epoch + 1)  # shared with the loader's worker processes
+        args = self.args
+        if args.persistent_data_loader_workers and skip == 0:  # one loader, its workers kept between epochs
+            if getattr(self, "_persistent_loader", None) is None:
+                self._persistent_loader = make_data_loader(self.dataset, args.max_data_loader_n_workers, True)
+            loader = self._persistent_loader
+        else:
+            loader = make_data_loader(self.dataset, args.max_data_loader_n_workers, False, skip_batches=skip)
         with torch.random.fork_rng(devices=[]):  # the iterator draws a seed: keep the training stream unchanged
             return iter(loader)
 

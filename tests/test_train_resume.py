@@ -51,3 +51,14 @@ def test_resume_rejects_a_different_network(setup, tmp_path):
     with pytest.raises(ValueError, match="does not match this network"):
         train(base_args(model, data, tmp_path / "b", "--max_train_steps", "3", "--network_train_unet_only",
                         "--resume", str(tmp_path / "a" / "lora-step00000001-state")))
+
+
+def test_loader_workers_give_the_same_batches(setup, tmp_path):
+    """Worker processes (persistent or not) see the epoch changes: the same losses as loading in-process."""
+    model, data, _ = setup
+    runs = {}
+    for name, extra in (("inline", []), ("workers", ["--max_data_loader_n_workers", "1"]),
+                        ("persistent", ["--max_data_loader_n_workers", "1", "--persistent_data_loader_workers"])):
+        argv = base_args(model, data, tmp_path / name, "--max_train_steps", "7", *extra)  # later flags win
+        runs[name] = train(argv).step_losses
+    assert runs["workers"] == runs["inline"] and runs["persistent"] == runs["inline"]
