@@ -36,3 +36,16 @@ def test_run_demo_script_uses_the_bundled_files():
         assert path in script and (ROOT / path).exists()
     images = list((ROOT / "examples/tiny_lora/images/4_sks shape").glob("*.png"))
     assert len(images) == 8 and all(p.with_suffix(".caption").exists() for p in images)
+
+
+def test_debug_dataset_prints_batches_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    from library.network_trainer import main
+
+    monkeypatch.chdir(ROOT)
+    reset_accelerate()
+    out = tmp_path / "out"
+    main(["--dataset_config", "examples/tiny_lora/dataset.toml", "--pretrained_model_name_or_path", tiny_model_dir(),
+          "--output_dir", str(out), "--network_module", "networks.lora", "--debug_dataset"])
+    printed = capsys.readouterr().out
+    assert "step 16/16" in printed and printed.count("caption: 'sks, a red square'") == 4  # 4 repeats
+    assert "LoRA saved" not in printed and not out.exists()
