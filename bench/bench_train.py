@@ -137,7 +137,7 @@ def trainer_args(opts: argparse.Namespace, toml: str, out: Path) -> argparse.Nam
     argv += [flag for flag, on in flags.items() if on]
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
-    train_args.add_all_training_arguments(parser, sdxl=True)
+    train_args.add_all_training_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -28,7 +28,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--skip_existing", action="store_true",
                    help="accepted for compatibility: valid cache files are always reused")
     add_dataset_arguments(parser)
-    train_args.add_all_training_arguments(parser, sdxl=True)
+    train_args.add_all_training_arguments(parser)
     return parser
 
 

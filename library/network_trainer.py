@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
     parser = argparse.ArgumentParser(description=("SDXL " if sdxl else "") + "LoRA network training "
                                      "(kohya sd-scripts compatible)")
     add_dataset_arguments(parser)
-    train_args.add_all_training_arguments(parser, sdxl=sdxl)
+    train_args.add_all_training_arguments(parser)
     try:
         args = train_args.parse_args(parser, argv)
         trainer = train(args, sdxl)

@@ -4,7 +4,7 @@ Outputs are computed once per distinct caption (token ids) and looked up per bat
 leave memory. The disk cache is one `<image>_te_outputs.npz` per image holding the outputs, the token ids and a
 fingerprint of the encoders and options; a file whose ids or fingerprint differ is recomputed (invalidation
 like the latent cache). Caching needs captions that never change, so it is refused with caption shuffle /
-dropout and with text-encoder training (see `train_args.validate_sdxl_args`).
+dropout and with text-encoder training (see `train_args.validate_te_cache_args`).
 """
 from __future__ import annotations
 

@@ -189,14 +189,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--output_config", action="store_true", help="write the arguments to --config_file and exit")
 
 
-def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sdxl", "SDXL text-encoder output caching")
+def add_te_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("text encoder output caching",
+                                  "SDXL's options, also accepted by train_network.py (needs --network_train_unet_only)")
     _add(g, "--cache_text_encoder_outputs", action="store_true", help="cache text encoder outputs in memory")
     _add(g, "--cache_text_encoder_outputs_to_disk", action="store_true", help="cache text encoder outputs on disk")
 
 
-def add_all_training_arguments(parser: argparse.ArgumentParser, sdxl: bool = False) -> None:
-    """Every option group of train_network.py (and sdxl_train_network.py with `sdxl=True`)."""
+def add_all_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option group of train_network.py and sdxl_train_network.py (the dataset options are separate)."""
     add_model_arguments(parser)
     add_network_arguments(parser)
     add_training_arguments(parser)
@@ -206,8 +207,7 @@ def add_all_training_arguments(parser: argparse.ArgumentParser, sdxl: bool = Fal
     add_sampling_arguments(parser)
     add_config_arguments(parser)
     add_huggingface_arguments(parser)
-    if sdxl:
-        add_sdxl_arguments(parser)
+    add_te_cache_arguments(parser)
 
 
 # ---------------------------------------------------------------- config files
@@ -359,8 +359,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     if args.sample_prompts:
         _need(Path(args.sample_prompts).suffix.lower() in (".txt", ".toml", ".json"),
               f"--sample_prompts {args.sample_prompts}: expected a .txt, .toml or .json file")
+    validate_te_cache_args(args)
     if sdxl:
-        validate_sdxl_args(args)
+        _need(not args.weighted_captions, "--weighted_captions is not supported for SDXL (as in sd-scripts)")
 
 
 def optimizer_name(args: argparse.Namespace) -> str:
@@ -376,15 +377,15 @@ def optimizer_name(args: argparse.Namespace) -> str:
     return args.optimizer_type or "AdamW"
 
 
-def validate_sdxl_args(args: argparse.Namespace) -> None:
-    """SDXL refusals: text-encoder output caching with caption changes or TE training; weighted captions."""
-    _need(not args.weighted_captions, "--weighted_captions is not supported for SDXL (as in sd-scripts)")
+def validate_te_cache_args(args: argparse.Namespace) -> None:
+    """Text-encoder output caching is refused with caption changes, weighted captions or TE training."""
     if getattr(args, "cache_text_encoder_outputs_to_disk", False):
         args.cache_text_encoder_outputs = True
     if not getattr(args, "cache_text_encoder_outputs", False):
         return
     _need(args.network_train_unet_only,
           "--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train the text encoders)")
+    _need(not args.weighted_captions, "--cache_text_encoder_outputs cannot be used with --weighted_captions")
     for flag in _CAPTION_CHANGING:
         _need(not getattr(args, flag, None),
               f"--cache_text_encoder_outputs cannot be used with --{flag} (captions must not change)")

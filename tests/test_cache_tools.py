@@ -58,3 +58,16 @@ def test_cache_tool_refuses_changing_captions(tmp_path):
     with pytest.raises(SystemExit, match="caption_tag_dropout_rate cannot be used"):
         main("text_encoder_outputs", ["--sdxl", "--pretrained_model_name_or_path", tiny_model_dir(arch="sdxl"),
                                       "--dataset_config", data])
+
+
+def test_sd1_text_encoder_outputs_from_the_tool_are_used_by_train_network(tmp_path):
+    from library.cache_tools import main
+
+    model = tiny_model_dir()
+    data = solid_dataset(tmp_path, colours=((200, 0, 0), (0, 0, 200)), caption=["sks red", "sks blue"])
+    main("text_encoder_outputs", ["--pretrained_model_name_or_path", model, "--dataset_config", data,
+                                  "--clip_skip", "2"])
+    trainer = train(base_args(model, data, tmp_path / "out", "--max_train_steps", "1", "--network_train_unet_only",
+                              "--cache_text_encoder_outputs_to_disk", "--clip_skip", "2"))
+    assert trainer.te_cache.computed == 0 and trainer.te_cache.from_disk == 2
+    assert trainer.components.text_encoders == [None]

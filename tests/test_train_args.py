@@ -8,9 +8,9 @@ import pytest
 from library import train_args
 
 
-def _parser(sdxl=False):
+def _parser(sdxl=False):  # the same options for both scripts
     p = argparse.ArgumentParser()
-    train_args.add_all_training_arguments(p, sdxl=sdxl)
+    train_args.add_all_training_arguments(p)
     return p
 
 
@@ -108,7 +108,7 @@ def test_every_training_option_is_documented():
         (root / "docs" / "sdxl_train_network.md").read_text()
     p = argparse.ArgumentParser()
     add_dataset_arguments(p)
-    train_args.add_all_training_arguments(p, sdxl=True)
+    train_args.add_all_training_arguments(p)
     missing = [a.option_strings[0] for a in p._actions if a.option_strings and a.option_strings[0] != "-h"
                and a.help != argparse.SUPPRESS and f"`{a.option_strings[0]}`" not in docs
                and f"`{a.dest}`" not in docs and f"`{a.dest} " not in docs]  # dataset options: TOML key names

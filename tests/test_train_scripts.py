@@ -18,7 +18,7 @@ def test_help_lists_the_option_groups():
     proc = _run("sdxl_train_network.py", "--help")
     assert proc.returncode == 0
     for group in ("model:", "network:", "training:", "optimizer:", "saving:", "logging:", "sampling:", "dataset:",
-                  "sdxl:", "--cache_text_encoder_outputs_to_disk", "--network_train_unet_only"):
+                  "text encoder output caching:", "--cache_text_encoder_outputs_to_disk", "--network_train_unet_only"):
         assert group in proc.stdout
 
 

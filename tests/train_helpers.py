@@ -51,7 +51,7 @@ def parse(argv: list[str], sdxl: bool = False) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
-    train_args.add_all_training_arguments(parser, sdxl=sdxl)
+    train_args.add_all_training_arguments(parser)
     return train_args.parse_args(parser, argv)
 
 
