@@ -59,6 +59,7 @@ def test_epoch_saves_pruning_state_samples_and_logs(model, tmp_path):
     (["--gradient_checkpointing", "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16",
       "--save_precision", "fp16", "--no_metadata"], "ckpt"),
     (["--mixed_precision", "fp16", "--network_train_unet_only"], "fp16"),
+    (["--network_module", "networks.dylora", "--network_args", "unit=2", "--network_train_unet_only"], "dylora"),
     (["--scale_weight_norms", "0.05", "--learning_rate", "0.1", "--network_train_unet_only"], "max_norm"),
     (["--mixed_precision", "bf16", "--full_bf16", "--network_train_unet_only"], "full_bf16"),
 ])
@@ -91,6 +92,9 @@ def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, 
             down, up = sd[key].flatten(1), sd[f"{name}.lora_up.weight"].flatten(1)
             scale = sd[f"{name}.alpha"].item() / down.shape[0]
             assert (up @ down * scale).norm().item() <= 0.05 * 1.001
+    elif check == "dylora":  # DyLoRA files are LoRA files (rank 4 = network_dim)
+        assert meta["ss_network_module"] == "networks.dylora" and '"unit": "2"' in meta["ss_network_args"]
+        assert {v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")} == {4}
     elif check == "fp16":  # no CPU autocast for fp16: runs in fp32, still trains
         assert trainer.components.unet.dtype == torch.float32 and meta["ss_mixed_precision"] == "fp16"
     elif check == "full_bf16":
