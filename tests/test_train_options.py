@@ -168,3 +168,17 @@ def test_sd2_768_v_model_trains_with_v_parameterization(tmp_path):
     assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
     sd = load_state_dict(tmp_path / "out" / "lora.safetensors")
     assert any(k.startswith("lora_te_") for k in sd) and any(k.startswith("lora_unet_") for k in sd)
+
+
+def test_step_samples_are_written_and_do_not_change_training(model, dataset, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("sks --w 64 --h 64 --s 2\n")  # no --d: a random seed, drawn without touching training
+    plain = train(base_args(model, dataset, tmp_path / "a", "--max_train_steps", "4", "--network_dropout", "0.2"))
+    sampled = train(base_args(model, dataset, tmp_path / "b", "--max_train_steps", "4", "--network_dropout", "0.2",
+                              "--sample_prompts", str(prompts), "--sample_every_n_steps", "2",
+                              "--sample_sampler", "k_euler_a"))
+    names = sorted(os.listdir(tmp_path / "b" / "sample"))
+    assert len(names) == 2 and names[0].startswith("lora_000002_00_") and names[1].startswith("lora_000004_00_")
+    assert sampled.step_losses == plain.step_losses
+    a, b = load_state_dict(tmp_path / "a" / "lora.safetensors"), load_state_dict(tmp_path / "b" / "lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
