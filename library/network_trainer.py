@@ -468,13 +468,13 @@ class NetworkTrainer:
             return
         from library.sampling import sample_images
 
-        net = self.accelerator.unwrap_model(self.network)
         autocast = self.model_dtype if self.model_dtype != torch.float32 else None
+        # passing the (already applied) network puts it in eval mode while sampling: no dropout in samples
         paths = sample_images(self.components, args.sample_prompts, args.output_dir, step, epoch,
                               args.sample_sampler, output_name=args.output_name, device=self.device,
-                              clip_skip=args.clip_skip, autocast_dtype=autocast, networks=[])
+                              clip_skip=args.clip_skip, autocast_dtype=autocast,
+                              networks=[self.accelerator.unwrap_model(self.network)])
         self.samples.extend(paths)
-        del net
 
 
 def _group_names(groups: list[dict[str, Any]], train_te: bool, train_unet: bool) -> list[str]:
