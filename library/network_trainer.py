@@ -430,8 +430,6 @@ class NetworkTrainer:
 
     # ------------------------------------------------------------------ outputs
     def _metadata(self) -> dict[str, str]:
-        if self.args.no_metadata:
-            return {}
         return train_metadata.training_metadata(
             self.args, arch=self.arch, v_parameterization=self.v_param, dataset=self.dataset,
             num_batches_per_epoch=len(self.dataset), num_epochs=self.num_epochs,
@@ -439,11 +437,10 @@ class NetworkTrainer:
             network_args=self.network_kwargs, started_at=time.time())
 
     def save(self, path: str, progress: train_state.Progress) -> str:
-        meta = {} if self.args.no_metadata else train_metadata.at_save(self.metadata, progress.global_step,
-                                                                        progress.epoch)
+        meta = train_metadata.at_save(self.metadata, progress.global_step, progress.epoch, self.args.no_metadata)
         dtype = _save_dtype(self.args.save_precision)
         if self.accelerator.is_main_process:
-            save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta or None)
+            save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta)
             logger.info("saved %s", path)
         self.last_save = path
         return path

@@ -143,7 +143,9 @@ def training_metadata(args: argparse.Namespace, *, arch: str, v_parameterization
         "ss_resolution": _resolution_text(getattr(args, "resolution", None)),
     }
     meta.update(dataset_metadata(dataset))
-    return {k: str(v) for k, v in meta.items() if v is not None}
+    out = {k: str(v) for k, v in meta.items() if v is not None}
+    out.update(model_spec(arch, v_parameterization, args.output_name or "", out.get("ss_resolution")))
+    return out
 
 
 def _resolution_text(resolution: Any) -> str | None:
@@ -158,5 +160,32 @@ def _resolution_text(resolution: Any) -> str | None:
     return str(tuple(parts * 2 if len(parts) == 1 else parts))
 
 
-def at_save(meta: dict[str, str], steps: int, epoch: int) -> dict[str, str]:
+# What sd-scripts keeps with --no_metadata: enough for a loader to rebuild the network.
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")
+
+
+def minimum_metadata(meta: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in meta.items() if k in MINIMUM_KEYS}
+
+
+def model_spec(arch: str, v_parameterization: bool, title: str, resolution: str | None) -> dict[str, str]:
+    """The Stability AI model-spec keys (`modelspec.*`) that sd-scripts also writes."""
+    architecture = {"sdxl": "stable-diffusion-xl-v1-base", "sd2": "stable-diffusion-v2-768-v" if v_parameterization
+                    else "stable-diffusion-v2-512"}.get(arch, "stable-diffusion-v1")
+    spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+            else "diffusers", "modelspec.title": title,
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+            "modelspec.prediction_type": "v" if v_parameterization else "epsilon"}
+    if resolution:
+        w, h = (int(x) for x in resolution.strip("()").split(","))
+        spec["modelspec.resolution"] = f"{w}x{h}"
+    return spec
+
+
+def at_save(meta: dict[str, str], steps: int, epoch: int, minimal: bool = False) -> dict[str, str]:
+    """The metadata of one saved file: everything (or, with --no_metadata, the minimum) plus progress."""
+    if minimal:
+        return minimum_metadata(meta) | {k: v for k, v in meta.items() if k.startswith("modelspec.")}
     return {**meta, "ss_steps": str(steps), "ss_epoch": str(epoch), "ss_training_finished_at": str(time.time())}
