@@ -128,7 +128,11 @@ def _apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     before = hidden.float().mean(dim=(-2, -1))
     scaled = hidden.float() * weights.unsqueeze(-1)
     after = scaled.mean(dim=(-2, -1))
-    return (scaled * (before / after).unsqueeze(-1).unsqueeze(-1)).to(hidden.dtype)
+    # A1111 restores the mean; a (near) zero mean, as after a bias-free layer norm, has nothing to restore.
+    meaningful = (before.abs() > 1e-6) & (after.abs() > 1e-6)
+    ratio = torch.where(meaningful, before / torch.where(meaningful, after, torch.ones_like(after)),
+                        torch.ones_like(after))
+    return (scaled * ratio.unsqueeze(-1).unsqueeze(-1)).to(hidden.dtype)
 
 
 def _run_encoder(te: Any, ids: torch.Tensor) -> Any:

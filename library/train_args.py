@@ -16,8 +16,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SAMPLER_NAMES = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
-                 "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+from library.sample_prompts import SAMPLERS as SAMPLER_NAMES  # noqa: E402  (one list)
 SAVE_MODEL_AS = ("ckpt", "pt", "safetensors")
 _NOT_SERIALIZED = {"config_file", "output_config"}
 _CAPTION_CHANGING = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
@@ -309,6 +308,8 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     for name in _HUB_OPTIONS:
         _need(not getattr(args, name, None), f"--{name}: uploading to / resuming from the Hugging Face hub is not "
               "supported; train locally and upload the files yourself")
+    if getattr(args, "cache_latents_to_disk", False):  # as in sd-scripts: caching to disk is caching
+        args.cache_latents = True
     _need(bool(args.pretrained_model_name_or_path), "--pretrained_model_name_or_path is required (model to train on)")
     _exists(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     _exists(args.vae, "--vae")

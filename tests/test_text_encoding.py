@@ -144,6 +144,18 @@ def test_weighted_encoding_restores_mean():
     assert torch.allclose(ratio, torch.full_like(ratio, 1.5), atol=1e-4)
 
 
+def test_weighting_a_zero_mean_hidden_state_stays_finite():
+    from library.text_encoding import _apply_weights
+
+    hidden = torch.randn(1, 77, 8)
+    hidden = hidden - hidden.mean()  # a bias-free layer norm's output has mean 0: nothing to restore
+    weights = torch.ones(1, 77)
+    weights[0, 3] = 2.0
+    out = _apply_weights(hidden, weights)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[0, 3], 2 * hidden[0, 3]) and torch.allclose(out[0, 4], hidden[0, 4])
+
+
 def test_wrong_input_length_is_an_error():
     m = tiny_models("sd1")
     with pytest.raises(ValueError, match="multiple of 77"):

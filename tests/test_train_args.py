@@ -113,3 +113,14 @@ def test_every_training_option_is_documented():
                and a.help != argparse.SUPPRESS and f"`{a.option_strings[0]}`" not in docs
                and f"`{a.dest}`" not in docs and f"`{a.dest} " not in docs]  # dataset options: TOML key names
     assert not missing, missing
+
+
+def test_cache_latents_to_disk_turns_on_latent_caching(tmp_path):
+    from library.dataset_config import add_dataset_arguments
+
+    p = _parser()
+    add_dataset_arguments(p)
+    a = p.parse_args(_valid(tmp_path, "--cache_latents_to_disk"))
+    assert not a.cache_latents
+    train_args.validate_args(a)
+    assert a.cache_latents and a.cache_latents_to_disk

@@ -62,6 +62,7 @@ def test_epoch_saves_pruning_state_samples_and_logs(model, tmp_path):
     (["--network_module", "networks.dylora", "--network_args", "unit=2", "--network_train_unet_only"], "dylora"),
     (["--scale_weight_norms", "0.05", "--learning_rate", "0.1", "--network_train_unet_only"], "max_norm"),
     (["--mixed_precision", "bf16", "--full_bf16", "--network_train_unet_only"], "full_bf16"),
+    (["--weighted_captions"], "weighted"),
 ])
 def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, extra, check):
     out = tmp_path / "out"
@@ -82,6 +83,9 @@ def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, 
         trainer.dataset.set_epoch(1)
         hidden, _ = trainer.conditioning(trainer.dataset[0])
         assert hidden.shape[1] == 227 and meta["ss_clip_skip"] == "2" and meta["ss_max_token_length"] == "225"
+    elif check == "weighted":  # A1111 weights reach the batches and the loss stays finite
+        trainer.dataset.set_epoch(1)
+        assert "input_weights" in trainer.dataset[0]
     elif check == "snr":
         assert meta["ss_min_snr_gamma"] == "5.0"
     elif check == "noise":
