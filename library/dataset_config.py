@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -600,13 +599,12 @@ def load_dataset_config(args: argparse.Namespace) -> DataConfig:
 
 def read_metadata_file(path: str, where: str) -> dict[str, dict[str, Any]]:
     """The fine-tuning metadata JSON: {image key: {"caption", "tags", "train_resolution", ...}}."""
+    from library.dataprep.metadata import load_metadata
+
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: metadata_file {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ValueError(f"{where}: metadata_file {path}: expected an object {{image: {{caption, tags, ...}}}}")
+        data = load_metadata(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{where}: metadata_file {e}") from None
     if not data:
         raise ValueError(f"{where}: metadata_file {path}: holds no images")
     return data

@@ -83,7 +83,7 @@ def load_metadata(path: str | os.PathLike) -> Metadata:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: metadata file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # tolerate a BOM (Windows editors)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable metadata JSON file ({e})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
