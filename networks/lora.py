@@ -25,23 +25,24 @@ logger = logging.getLogger(__name__)
 
 
 def add_up_projection(out: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor, is_conv: bool) -> torch.Tensor:
-    """`out + up(hidden)`, fused into one GEMM that accumulates into `out` in place when the dtypes agree.
+    """`out + up(hidden)`, accumulated into `out` in place when the dtypes agree.
 
     The layer output is a fresh tensor that no backward pass needs (Linear / Conv2d save their inputs, not
-    their outputs), so adding in place is safe for autograd and saves a full pass over the output.
+    their outputs), so adding in place is safe for autograd and saves a pass over the output. The in-place op
+    works on `out` itself, never on a view of it: an in-place op on a view makes autograd clone the whole
+    gradient in backward (CopySlices), which costs more than the pass saved.
     """
     up = up.to(hidden.dtype)  # under autocast the hidden is in the low precision
-    if out.dtype == hidden.dtype and out.is_contiguous():
-        rank = hidden.shape[1] if is_conv else hidden.shape[-1]
-        if is_conv:
-            n = out.shape[0]
-            up3 = up.reshape(1, up.shape[0], rank).expand(n, -1, -1)
-            out.view(n, out.shape[1], -1).baddbmm_(up3, hidden.reshape(n, rank, -1))
-        else:
-            out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, rank), up.t())
-        return out
-    delta = torch.nn.functional.conv2d(hidden, up) if is_conv else torch.nn.functional.linear(hidden, up)
-    return out + delta.to(out.dtype)
+    if out.dtype != hidden.dtype:
+        delta = torch.nn.functional.conv2d(hidden, up) if is_conv else torch.nn.functional.linear(hidden, up)
+        return out + delta.to(out.dtype)
+    if is_conv:
+        return out.add_(torch.nn.functional.conv2d(hidden, up))
+    if out.dim() == 2:
+        return out.addmm_(hidden, up.t())
+    if out.dim() == 3:
+        return out.baddbmm_(hidden, up.t().unsqueeze(0).expand(out.shape[0], -1, -1))
+    return out.add_(torch.nn.functional.linear(hidden, up))
 
 
 class LoRAModule(torch.nn.Module):
