@@ -243,9 +243,10 @@ class NetworkTrainer:
                                  max_token_length=args.max_token_length)
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Scaled latents of the batch: cached ones (stored unscaled, as sd-scripts) or encoded now."""
+        """Scaled latents of the batch: cached ones (the dataset already applies the VAE's scaling factor;
+        the .npz files hold them unscaled, as sd-scripts) or encoded now."""
         if batch.get("latents") is not None:
-            return batch["latents"].to(self.device, dtype=torch.float32) * self.latent_scale
+            return batch["latents"].to(self.device, dtype=torch.float32)
         vae = self.components.vae
         with torch.no_grad():
             images = batch["images"].to(self.device, dtype=next(vae.parameters()).dtype)
