@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from library import ldm_convert as lc
-from library.file_io import CheckpointError, atomic_path, precision_dtype, refuse_overwrite
+from library.file_io import CheckpointError, atomic_path, precision_dtype, refuse_overwrite, temp_dir_beside
 from library.sd_configs import ModelComponents, build_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -466,8 +466,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
 def _save_diffusers(comps: ModelComponents, path: Path, dtype) -> None:
     import diffusers
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_dir_beside(path)
     try:
         _write_diffusers_model(comps.unet, tmp / "unet", dtype)
         if comps.vae is not None:

@@ -12,13 +12,14 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from library.file_io import temp_dir_beside
 
 STATE_FILE = "train_state.pt"
 PROGRESS_FILE = "progress.json"
@@ -57,8 +58,7 @@ def save_state(folder: str | os.PathLike, *, network: torch.nn.Module, optimizer
                extra: dict[str, Any] | None = None) -> str:
     """Write the state folder atomically (temporary folder beside it, then rename); returns its path."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temp_dir_beside(folder)
     try:
         payload = {
             "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
