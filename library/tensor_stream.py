@@ -91,6 +91,13 @@ class TensorFile:
             tensor = tensor.to(dtype)
         return tensor
 
+    def raw_range(self, key: str) -> tuple[int, int, int] | None:
+        """(file descriptor, absolute offset, byte count) of a safetensors tensor's bytes; None for other formats."""
+        if self._entries is None:
+            return None
+        begin, end = self._entry(key)["data_offsets"]
+        return self._file.fileno(), self._data_start + begin, end - begin
+
     def _entry(self, key: str) -> dict:
         try:
             return self._entries[key]
@@ -171,6 +178,33 @@ class SafetensorsWriter:
             raise ValueError(f"{key}: declared {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def copy_raw(self, key: str, src_fd: int, offset: int, nbytes: int) -> None:
+        """Write the next tensor by copying its bytes from another file (kernel-side where the OS can).
+
+        For tensors that pass through unchanged (same dtype): no decoding, no user-space copy.
+        """
+        name, _, _, expected = self._order[self._next]
+        if key != name or nbytes != expected:
+            raise ValueError(f"raw copy of {key} ({nbytes} bytes) does not match the declared {name} ({expected} bytes)")
+        self._file.flush()
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src_fd, self._file.fileno(), nbytes - done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except (OSError, AttributeError):  # not supported for these files / this OS: plain reads and writes
+            pass
+        self._file.seek(0, os.SEEK_END)  # the descriptor moved underneath the buffered writer
+        while done < nbytes:
+            chunk = os.pread(src_fd, min(64 << 20, nbytes - done), offset + done)
+            if not chunk:
+                raise ValueError(f"{key}: source file ended {nbytes - done} bytes early")
+            self._file.write(chunk)
+            done += len(chunk)
         self._next += 1
 
     def close(self) -> None:

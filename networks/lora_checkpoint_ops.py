@@ -134,6 +134,11 @@ def _write_merged(ckpt: TensorFile, plan, loras, save_to, merge_dtype, save_dtyp
         writer = SafetensorsWriter(tmp, layout, meta) if safetensors else None
         collected: dict[str, torch.Tensor] = {}
         for key in tqdm(keys, desc="merging into model", unit="tensor"):
+            raw = ckpt.raw_range(key) if writer is not None and key not in plan and \
+                out_dtype(key) == ckpt.dtype(key) else None
+            if raw is not None:  # untouched tensor, same dtype: copy its bytes as they are
+                writer.copy_raw(key, *raw)
+                continue
             tensor = ckpt.get(key)
             if key in plan:
                 tensor = _apply(tensor.to(merge_dtype), plan[key], loras, merge_dtype)

@@ -75,3 +75,31 @@ def test_tensor_file_errors(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         TensorFile(junk)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_copy_raw_passes_tensors_through_byte_for_byte(tmp_path, monkeypatch, kernel_copy):
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from library.tensor_stream import SafetensorsWriter, TensorFile
+
+    src = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).half()}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    if not kernel_copy:
+        def unsupported(*args, **kwargs):
+            raise OSError("copy_file_range unsupported")
+        monkeypatch.setattr(os, "copy_file_range", unsupported)
+    with TensorFile(tmp_path / "src.safetensors") as f:
+        layout = [(k, f.dtype(k), f.shape(k)) for k in f.keys()]
+        writer = SafetensorsWriter(tmp_path / "out.safetensors", layout, {"k": "v"})
+        for key in f.keys():
+            if key == "b":
+                writer.write(key, f.get(key) + 1)  # one tensor changed in between the copies
+            else:
+                writer.copy_raw(key, *f.raw_range(key))
+        writer.close()
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert torch.equal(out["a"], src["a"]) and torch.equal(out["c"], src["c"])
+    assert torch.equal(out["b"], src["b"] + 1)
