@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from library.sample_prompts import SAMPLERS as SAMPLER_NAMES
+
 logger = logging.getLogger(__name__)
 
-from library.sample_prompts import SAMPLERS as SAMPLER_NAMES  # noqa: E402  (one list)
 SAVE_MODEL_AS = ("ckpt", "pt", "safetensors")
 _NOT_SERIALIZED = {"config_file", "output_config"}
 _CAPTION_CHANGING = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
