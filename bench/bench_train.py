@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--modes", default="lora,floor", help="which measurements: lora, floor or both")
+    p.add_argument("--interleave", action="store_true",
+                   help="then, in the lora process, --steps pairs of a LoRA step and a floor step on the same models "
+                        "(the ratio without the machine's drift between processes)")
     p.add_argument("--json", default=None, help="write the results here (default bench/results/<config>.json)")
     p.add_argument("--worker", default=None, choices=["lora", "floor"], help=argparse.SUPPRESS)
     return p
@@ -157,7 +160,9 @@ def _timed(step, n_warmup: int, n_steps: int) -> list[float]:
     return times
 
 
-def run_lora(opts: argparse.Namespace, tmp: Path) -> list[float]:
+def run_lora(opts: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    """The trainer's steps; with --interleave then as many pairs of a trainer step and a floor step on the same
+    frozen models (LoRA hooks removed), whose ratio no drift of the machine between processes can bias."""
     from library.network_trainer import NetworkTrainer
     from library.train_state import Progress
 
@@ -168,24 +173,98 @@ def run_lora(opts: argparse.Namespace, tmp: Path) -> list[float]:
     del components
     progress = Progress()
     batches = trainer.batches(0, 0)
+    floor = _trainer_floor_step(trainer, opts) if opts.interleave else None
     reset_peak_rss()
 
     def step():
         trainer.step(next(batches), progress)
         progress.batches_in_epoch += 1
 
-    return _timed(step, opts.warmup, opts.steps)
+    times = {"lora": _timed(step, opts.warmup, opts.steps), "peaks": [process_peak_rss_gib(), _read_status("VmHWM")]}
+    if floor is not None:  # after the lora-only steps, so the floor steps cannot raise the peak read above
+        times["interleaved_lora"], times["interleaved_floor"] = [], []
+        for _ in range(opts.steps):
+            times["interleaved_lora"] += _timed(step, 0, 1)
+            times["interleaved_floor"] += _timed(floor, 0, 1)
+    return times
 
 
-def run_floor(opts: argparse.Namespace, tmp: Path) -> list[float]:
-    """Frozen models: U-Net forward + backward to its input (+ text encoder to its embeddings when trained)."""
+def _trainer_floor_step(trainer, opts: argparse.Namespace):
+    """A floor step on the trainer's own frozen models, its LoRA hooks removed for the step (--interleave)."""
+    import torch
+
+    net = trainer.accelerator.unwrap_model(trainer.network)
+    modules = net.text_encoder_loras + net.unet_loras
+    c = trainer.components
+    batch = next(trainer.batches(0, 0))
+    with torch.no_grad():
+        latents = trainer.latents(batch)
+        hidden, pooled = trainer.conditioning(batch)
+    train_te = trainer.te_cache is None and trainer.train_te
+    fixed = None if train_te else (hidden.detach(), None if pooled is None else pooled.detach())
+    inner = floor_step(c.unet, c.text_encoders if train_te else [], c.tokenizers, c.is_sdxl, opts, latents, fixed)
+
+    def step():
+        for m in modules:
+            m.restore()
+        try:
+            inner()
+        finally:
+            for m in modules:
+                m.apply_to()
+
+    return step
+
+
+def floor_step(unet, text_encoders: list, tokenizers: list, is_sdxl: bool, opts: argparse.Namespace,
+               latents, fixed: tuple | None):
+    """One floor step on frozen models: U-Net forward + backward to its noisy-latent input, and, when
+    `text_encoders` are given (trained), their forward + backward to the token embeddings; else `fixed`
+    (hidden states, pooled) conditions the U-Net."""
+    import torch
+
+    from library.text_encoding import encode_tokens, tokenize
+
+    device, dtype = _device(), _model_dtype(opts)
+    ids = [tokenize(t, ["a photo of sks, picture 0"] * opts.batch).to(device) for t in tokenizers]
+    t = torch.full((opts.batch,), 500, device=device)
+    size = float(opts.resolution)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * opts.batch, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def embeddings_require_grad(module, inputs, output):
+        return output.detach().requires_grad_()
+
+    def step():
+        hooks = [te.get_input_embeddings().register_forward_hook(embeddings_require_grad) for te in text_encoders]
+        try:
+            noisy = latents.clone().to(dtype).requires_grad_()
+            if text_encoders:
+                with autocast:
+                    hidden, pooled = encode_tokens(text_encoders, ids, None, is_sdxl, tokenizers=tokenizers)
+            else:
+                hidden, pooled = fixed
+            kwargs = {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}} \
+                if is_sdxl else {}
+            with autocast:
+                pred = unet(noisy, t, hidden.to(dtype), **kwargs).sample
+            torch.nn.functional.mse_loss(pred.float(), latents.float()).backward()
+        finally:
+            for h in hooks:
+                h.remove()
+
+    return step
+
+
+def run_floor(opts: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    """Frozen models in a process of their own: U-Net forward + backward to its input (+ text encoder)."""
     import torch
 
     from library.network_trainer import release_memory, set_attention
     from library.text_encoding import encode_tokens, tokenize
 
     c = build_random_models(opts)
-    device, dtype = _device(), _model_dtype(opts)
+    device = _device()
     train_te = not opts.unet_only and not opts.cache_text_encoder_outputs
     for m in (c.unet, *c.text_encoders):
         m.requires_grad_(False).eval().to(device)
@@ -195,38 +274,15 @@ def run_floor(opts: argparse.Namespace, tmp: Path) -> list[float]:
         c.unet.train()
     ids = [tokenize(t, ["a photo of sks, picture 0"] * opts.batch).to(device) for t in c.tokenizers]
     with torch.no_grad():
-        fixed_hidden, fixed_pooled = encode_tokens(c.text_encoders, ids, None, c.is_sdxl, tokenizers=c.tokenizers)
-    if not train_te:
-        c.text_encoders = []
-    c.vae = None
+        fixed = encode_tokens(c.text_encoders, ids, None, c.is_sdxl, tokenizers=c.tokenizers)
+    text_encoders = c.text_encoders if train_te else []
+    c.text_encoders, c.vae = [], None
     release_memory()
-    hooks = [te.get_input_embeddings().register_forward_hook(lambda m, i, o: o.detach().requires_grad_())
-             for te in c.text_encoders]
     side = opts.resolution // 8
     latents = torch.randn(opts.batch, 4, side, side, device=device)
-    t = torch.full((opts.batch,), 500, device=device)
-    size = float(opts.resolution)
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * opts.batch, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    step = floor_step(c.unet, text_encoders, c.tokenizers, c.is_sdxl, opts, latents, fixed)
     reset_peak_rss()
-
-    def step():
-        noisy = latents.clone().to(dtype).requires_grad_()
-        if train_te:
-            hidden, pooled = encode_tokens(c.text_encoders, ids, None, c.is_sdxl, tokenizers=c.tokenizers)
-        else:
-            hidden, pooled = fixed_hidden, fixed_pooled
-        kwargs = {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}} \
-            if c.is_sdxl else {}
-        with autocast:
-            pred = c.unet(noisy, t, hidden.to(dtype), **kwargs).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), latents)
-        loss.backward()
-
-    times = _timed(step, opts.warmup, opts.steps)
-    for h in hooks:
-        h.remove()
-    return times
+    return {"floor": _timed(step, opts.warmup, opts.steps), "peaks": [process_peak_rss_gib(), _read_status("VmHWM")]}
 
 
 def worker(opts: argparse.Namespace) -> dict:
@@ -238,9 +294,14 @@ def worker(opts: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         times = (run_lora if opts.worker == "lora" else run_floor)(opts, Path(tmp))
-    result = {"mode": opts.worker, "sec_per_step": statistics.median(times), "step_times": times,
-              "peak_rss_gib": process_peak_rss_gib(), "peak_rss_training_gib": _read_status("VmHWM"),
+    result = {"mode": opts.worker, "sec_per_step": statistics.median(times[opts.worker]),
+              "step_times": times[opts.worker],
+              "peak_rss_gib": times["peaks"][0], "peak_rss_training_gib": times["peaks"][1],
               "device": str(_device()), "threads": torch.get_num_threads()}
+    if "interleaved_floor" in times:
+        result["interleaved_step_times"] = {"lora": times["interleaved_lora"], "floor": times["interleaved_floor"]}
+        result["interleaved_lora_over_floor"] = (statistics.median(times["interleaved_lora"])
+                                                 / statistics.median(times["interleaved_floor"]))
     if torch.cuda.is_available():
         result["cuda_max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
@@ -263,7 +324,7 @@ def run_worker_process(opts: argparse.Namespace, mode: str, argv: list[str]) -> 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def format_table(results: list[dict], ratio: float | None) -> str:
+def format_table(results: list[dict], ratio: float | None, interleaved: float | None = None) -> str:
     lines = [f"{'mode':<6} {'s/step':>8} {'peak RSS GiB':>13} {'train RSS GiB':>14} {'CUDA GiB':>9}"]
     for r in results:
         cuda = r.get("cuda_max_memory_allocated_gib")
@@ -271,6 +332,8 @@ def format_table(results: list[dict], ratio: float | None) -> str:
                      f"{r['peak_rss_training_gib']:>14.2f} {'-' if cuda is None else f'{cuda:.2f}':>9}")
     if ratio is not None:
         lines.append(f"LoRA step / floor: {ratio:.3f}x")
+    if interleaved is not None:
+        lines.append(f"LoRA step / floor, interleaved in one process: {interleaved:.3f}x")
     return "\n".join(lines)
 
 
@@ -292,12 +355,13 @@ def main(argv: list[str] | None = None) -> None:
     results = [run_worker_process(opts, mode, argv) for mode in modes]
     by_mode = {r["mode"]: r for r in results}
     ratio = by_mode["lora"]["sec_per_step"] / by_mode["floor"]["sec_per_step"] if len(by_mode) == 2 else None
+    interleaved = by_mode.get("lora", {}).get("interleaved_lora_over_floor")
     report = {"config": config_name(opts), "options": {k: v for k, v in vars(opts).items() if k != "worker"},
-              "results": results, "lora_over_floor": ratio}
+              "results": results, "lora_over_floor": ratio, "interleaved_lora_over_floor": interleaved}
     out = Path(opts.json) if opts.json else ROOT / "bench" / "results" / f"{config_name(opts)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"{config_name(opts)}\n{format_table(results, ratio)}\nresults: {out}")
+    print(f"{config_name(opts)}\n{format_table(results, ratio, interleaved)}\nresults: {out}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ class _RankState:
 class DyLoRAModule(lora.LoRAModule):
     """A LoRA module whose rank is split into `dim / unit` chunks, each a separate parameter pair."""
 
+    fused_linear = False  # the trained rank changes per step (lora_hidden)
+
     def __init__(self, lora_name: str, org_module: torch.nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
                  alpha: Any = 1, unit: int = 1, rank_state: _RankState | None = None, **kwargs):
         if unit < 1 or lora_dim % unit:

@@ -18,6 +18,7 @@ import torch
 
 from library.file_io import load_state_dict
 from networks import lora_blocks
+from networks.lora_fused import can_fuse, fused_lora_linear
 from networks.lora_files import conform_shapes, normalize_weights, safetensors_hashes, save_lora_file  # noqa: F401
 from networks.lora_names import LoRANameResolver, LoRATarget, is_sdxl_unet, lora_targets, split_key
 
@@ -47,6 +48,8 @@ def add_up_projection(out: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor,
 
 class LoRAModule(torch.nn.Module):
     """A low-rank adapter of one Linear / Conv2d layer: `lora_down` (carries a conv's kernel), `lora_up` (1x1)."""
+
+    fused_linear = True  # a frozen nn.Linear and this adapter run as one autograd node (networks.lora_fused)
 
     def __init__(self, lora_name: str, org_module: torch.nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
                  alpha: float | torch.Tensor | None = 1, dropout: float | None = None,
@@ -129,11 +132,15 @@ class LoRAModule(torch.nn.Module):
         return torch.nn.functional.conv2d(hidden, up) if self.is_conv else torch.nn.functional.linear(hidden, up)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.org_forward(x, *args, **kwargs)
         if self.multiplier == 0:
-            return out
+            return self.org_forward(x, *args, **kwargs)
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
-            return out
+            return self.org_forward(x, *args, **kwargs)
+        if self.fused_linear and not (self.training and (self.dropout or self.rank_dropout)) and not args \
+                and not kwargs and can_fuse(self.org_module, self.org_forward, x):
+            return fused_lora_linear(x, self.org_module, self.lora_down.weight, self.lora_up.weight,
+                                     self.multiplier * self.scale)
+        out = self.org_forward(x, *args, **kwargs)
         hidden, up = self.lora_hidden(x, self.multiplier * self.scale)
         return add_up_projection(out, hidden, up, self.is_conv)
 

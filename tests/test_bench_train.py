@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ def test_bench_tiny_writes_table_and_json(tmp_path):
     out = tmp_path / "r.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--size", "tiny", "--threads", "1",
-                           "--steps", "2", "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+                           "--steps", "2", "--interleave", "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LoRA step / floor:" in proc.stdout and "sd1_tiny_64px_b1_dim4_fp32" in proc.stdout
     report = json.loads(out.read_text())
@@ -23,6 +24,10 @@ def test_bench_tiny_writes_table_and_json(tmp_path):
     for r in modes.values():
         assert len(r["step_times"]) == 2 and r["sec_per_step"] > 0 and 0.1 < r["peak_rss_gib"] < 8
     assert report["lora_over_floor"] == modes["lora"]["sec_per_step"] / modes["floor"]["sec_per_step"]
+    pairs = modes["lora"]["interleaved_step_times"]  # --interleave: LoRA and floor steps alternate in one process
+    assert len(pairs["lora"]) == len(pairs["floor"]) == 2 and min(pairs["floor"]) > 0
+    assert report["interleaved_lora_over_floor"] == statistics.median(pairs["lora"]) / statistics.median(pairs["floor"])
+    assert "interleaved in one process:" in proc.stdout
 
 
 def test_bench_rejects_bad_options():

@@ -274,6 +274,61 @@ def test_fused_forward_matches_reference_values_and_gradients(layer_kind):
     assert module.lora_up.weight.grad is not None and module.lora_up.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("case", ["fp32", "noncontiguous", "input_without_grad", "bf16_model_fp32_lora",
+                                  "full_bf16", "no_bias"])
+def test_fused_linear_node_matches_unfused_ops(case):
+    """A frozen nn.Linear + LoRA runs as one autograd node (networks.lora_fused); same values and gradients."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 24, bias=case != "no_bias").requires_grad_(False)
+    model_dtype = torch.bfloat16 if case in ("bf16_model_fp32_lora", "full_bf16") else torch.float32
+    layer.to(model_dtype)
+    module = lora.LoRAModule("t", layer, multiplier=0.6, lora_dim=4, alpha=2)
+    torch.nn.init.normal_(module.lora_up.weight)
+    if case == "full_bf16":
+        module.to(torch.bfloat16)
+    module.apply_to()
+    x = torch.randn(2, 16, 5).transpose(1, 2) if case == "noncontiguous" else torch.randn(2, 5, 16)
+    x = x.to(model_dtype)
+    x1, x2 = x.clone().requires_grad_(case != "input_without_grad"), x.clone().requires_grad_(True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=model_dtype == torch.bfloat16)
+    with autocast:
+        fused = layer(x1)
+    assert fused.grad_fn.name() == "FusedLoRALinearBackward"
+    down, up = module.lora_down.weight, module.lora_up.weight
+    with autocast:  # the same with separate ops (what a plain hook computes), in the compute dtype
+        reference = module.org_forward(x2) + (0.6 * 0.5 * torch.nn.functional.linear(
+            torch.nn.functional.linear(x2, down.to(model_dtype)), up.to(model_dtype)))
+    tol = dict(atol=2e-2, rtol=2e-2) if model_dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, reference, **tol)
+    g = torch.randn_like(fused)
+    inputs = [down, up] + ([x1] if x1.requires_grad else [])
+    grads_fused = torch.autograd.grad(fused, inputs, g)
+    grads_ref = torch.autograd.grad(reference, [down, up, x2][:len(inputs)], g)
+    for a, b in zip(grads_fused, grads_ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = b.float().abs().max()
+        assert (a.float() - b.float()).abs().max() <= (2e-2 if model_dtype == torch.bfloat16 else 1e-5) * scale
+
+
+def test_fused_linear_steps_aside_for_dropout_stacking_and_trainable_base():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8).requires_grad_(False)
+    first = lora.LoRAModule("a", layer, lora_dim=2)
+    first.apply_to()
+    x = torch.randn(3, 8)
+    assert layer(x).grad_fn.name() == "FusedLoRALinearBackward"
+    second = lora.LoRAModule("b", layer, lora_dim=2)  # stacked: the first hook is no plain Linear any more
+    second.apply_to()
+    assert layer(x).grad_fn.name() != "FusedLoRALinearBackward"
+    second.restore()
+    first.dropout = 0.1  # training-time dropout on the hidden: the general path
+    assert layer(x).grad_fn.name() != "FusedLoRALinearBackward"
+    first.eval()
+    assert layer(x).grad_fn.name() == "FusedLoRALinearBackward"
+    layer.weight.requires_grad_(True)  # a trained base weight would get no gradient from the fused node
+    assert layer(x).grad_fn.name() != "FusedLoRALinearBackward"
+
+
 def test_merge_keeps_weight_dtype_and_device_and_is_in_place():
     m, net = make("sd1")
     randomize(net)
