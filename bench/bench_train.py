@@ -160,6 +160,13 @@ def _timed(step, n_warmup: int, n_steps: int) -> list[float]:
     return times
 
 
+def _same_allocator_settings_as_the_trainer() -> None:
+    from library.malloc_tuning import keep_freed_memory_for_reuse
+
+    if _device().type == "cpu":  # NetworkTrainer.setup does this on CPU; the floor must not run without it
+        keep_freed_memory_for_reuse()
+
+
 def run_lora(opts: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
     """The trainer's steps; with --interleave then as many pairs of a trainer step and a floor step on the same
     frozen models (LoRA hooks removed), whose ratio no drift of the machine between processes can bias."""
@@ -167,6 +174,7 @@ def run_lora(opts: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
     from library.train_state import Progress
 
     args = trainer_args(opts, synthetic_dataset(tmp, opts.resolution, opts.batch), tmp / "out")
+    _same_allocator_settings_as_the_trainer()  # before the models are built, as in the floor process
     components = build_random_models(opts)
     trainer = NetworkTrainer(args, components.is_sdxl)
     trainer.setup(components=components)
@@ -263,6 +271,7 @@ def run_floor(opts: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
     from library.network_trainer import release_memory, set_attention
     from library.text_encoding import encode_tokens, tokenize
 
+    _same_allocator_settings_as_the_trainer()
     c = build_random_models(opts)
     device = _device()
     train_te = not opts.unet_only and not opts.cache_text_encoder_outputs

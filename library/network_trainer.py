@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from library import lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
+from library.malloc_tuning import keep_freed_memory_for_reuse
 from library.train_setup import (_allow_fp16_gradient_unscale, _place, create_network, load_components,  # noqa: F401
                                  merge_base_weights, optimizer_groups, parse_network_args, release_memory,
                                  set_attention, weight_dtypes)
@@ -90,6 +91,8 @@ class NetworkTrainer:
                                        log_with=None if log_with is None else ("all" if log_with == "all" else log_with),
                                        project_dir=log_dir)
         self.device = self.accelerator.device
+        if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
+            keep_freed_memory_for_reuse()
         if args.seed is not None:
             from accelerate.utils import set_seed
 
