@@ -31,23 +31,24 @@ class FusedLoRALinear(torch.autograd.Function):
             torch.mm(x2, weight.t(), out=out2)
         hidden = (x2 @ down_c.t()).mul_(scale)
         out2.addmm_(hidden, up_c.t())
-        ctx.save_for_backward(x, weight, down_c, up_c, hidden)
+        ctx.save_for_backward(x2, weight, down_c, up_c, hidden)  # x2: a view of x unless x was not contiguous
+        ctx.x_shape = x.shape
         ctx.scale = scale
         ctx.param_dtypes = (down.dtype, up.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, down, up, hidden = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
+        x2, weight, down, up, hidden = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
         # gradient of x @ down.T, the scale folded in; up as the transpose of a (rank, out) copy: CPU BLAS is
         # several times faster with the skinny operand in that layout, and the copy is tiny
         grad_hidden = (g @ up.t().contiguous().t()).mul_(ctx.scale)
         grad_x = grad_down = grad_up = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(grad_hidden, down).view(x.shape)
+            grad_x = (g @ weight).addmm_(grad_hidden, down).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            grad_down = (grad_hidden.t() @ x.reshape(-1, x.shape[-1])).to(ctx.param_dtypes[0])
+            grad_down = (grad_hidden.t() @ x2).to(ctx.param_dtypes[0])
         if ctx.needs_input_grad[4]:
             # (hidden.T @ g).T, not g.T @ hidden: the same product, 3-4x faster on CPU BLAS for these shapes
             grad_up = (hidden.t() @ g).t().to(ctx.param_dtypes[1])
