@@ -106,33 +106,50 @@ def training_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
     return noise
 
 
+SNR_MAX = 1000.0  # as sd-scripts: the SNR of the first timesteps (~1175) is clipped to 1000 in the weights
+SNR_MIN = 1e-3  # zero_terminal_snr makes the last SNR exactly 0; the SD schedule's smallest SNR is 0.0047
+
+
 def _snr(timesteps: torch.Tensor, noise_scheduler: Any) -> torch.Tensor:
     return noise_scheduler.all_snr.to(timesteps.device)[timesteps]
 
 
+def _bounded_snr(timesteps: torch.Tensor, noise_scheduler: Any) -> torch.Tensor:
+    """SNR clipped to [SNR_MIN, SNR_MAX], for the weights that divide by it (finite at a zero terminal SNR)."""
+    return _snr(timesteps, noise_scheduler).clamp(min=SNR_MIN, max=SNR_MAX)
+
+
 def apply_snr_weight(loss: torch.Tensor, timesteps: torch.Tensor, noise_scheduler: Any, gamma: float,
                      v_prediction: bool = False) -> torch.Tensor:
-    """Min-SNR-gamma: weight min(snr, gamma)/snr (v-prediction: /(snr+1))."""
+    """Min-SNR-gamma: weight min(snr, gamma)/snr (v-prediction: min(snr, gamma)/(snr+1)).
+
+    Written as gamma/max(snr, gamma) for epsilon, which is the same number and its limit 1 at snr 0.
+    """
     snr = _snr(timesteps, noise_scheduler)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    weight = clipped / (snr + 1) if v_prediction else clipped / snr
+    if v_prediction:
+        weight = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1)
+    else:
+        weight = gamma / torch.maximum(snr, torch.full_like(snr, gamma))
     return loss * weight.float().to(loss.device)
 
 
 def scale_v_prediction_loss_like_noise_prediction(loss: torch.Tensor, timesteps: torch.Tensor,
                                                   noise_scheduler: Any) -> torch.Tensor:
-    snr = _snr(timesteps, noise_scheduler).clamp(max=1000)
+    """Weight snr/(snr+1) (SNR clipped at SNR_MAX); 0 at a zero terminal SNR."""
+    snr = _snr(timesteps, noise_scheduler).clamp(max=SNR_MAX)
     return loss * (snr / (snr + 1)).to(loss.device)
 
 
 def add_v_prediction_like_loss(loss: torch.Tensor, timesteps: torch.Tensor, noise_scheduler: Any,
                                v_pred_like_loss: float) -> torch.Tensor:
-    snr = _snr(timesteps, noise_scheduler).clamp(max=1000)
-    return loss + loss / (snr + 1).to(loss.device) * v_pred_like_loss
+    """loss * (1 + W * (snr+1)/snr): the v error is the epsilon error times (snr+1)/snr (SNR bounded)."""
+    snr = _bounded_snr(timesteps, noise_scheduler)
+    return loss + loss * ((snr + 1) / snr).to(loss.device) * v_pred_like_loss
 
 
 def apply_debiased_estimation(loss: torch.Tensor, timesteps: torch.Tensor, noise_scheduler: Any) -> torch.Tensor:
-    snr = _snr(timesteps, noise_scheduler).clamp(max=1000)
+    """Weight 1/sqrt(snr) (SNR bounded: at most 1/sqrt(SNR_MIN) = 31.6)."""
+    snr = _bounded_snr(timesteps, noise_scheduler)
     return loss * (1.0 / torch.sqrt(snr)).to(loss.device)
 
 

@@ -74,3 +74,52 @@ def test_v_prediction_scheduler_and_zero_snr():
     sched = N.make_noise_scheduler(v_parameterization=True, zero_terminal_snr=True)
     assert sched.config.prediction_type == "v_prediction"
     assert sched.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_v_pred_like_loss_adds_the_v_error_weight(scheduler):
+    """weight 1 + W*(snr+1)/snr (the v error is the epsilon error times (snr+1)/snr), by hand at three steps."""
+    t = torch.tensor([100, 500, 900])
+    ac = scheduler.alphas_cumprod[t].double()
+    snr = ac / (1 - ac)
+    expected = 1 + 0.3 * (snr + 1) / snr
+    got = N.add_v_prediction_like_loss(torch.ones(3), t, scheduler, 0.3)
+    assert torch.allclose(got.double(), expected, rtol=1e-5)
+    assert got[1].item() == pytest.approx(2.086, abs=1e-3)  # t=500: SNR 0.382
+    args = SimpleNamespace(v_pred_like_loss=0.3, v_parameterization=False)
+    assert torch.allclose(N.weight_loss(torch.full((3,), 2.0), t, scheduler, args), 2 * got)
+
+
+_WEIGHTINGS = {
+    "min_snr_gamma": dict(min_snr_gamma=5.0),
+    "debiased_estimation_loss": dict(debiased_estimation_loss=True),
+    "v_pred_like_loss": dict(v_pred_like_loss=0.1),
+    "scale_v_pred_loss_like_noise_pred": dict(scale_v_pred_loss_like_noise_pred=True),
+    "all": dict(min_snr_gamma=5.0, debiased_estimation_loss=True, v_pred_like_loss=0.1,
+                scale_v_pred_loss_like_noise_pred=True),
+}
+
+
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+@pytest.mark.parametrize("v", [False, True])
+@pytest.mark.parametrize("name", sorted(_WEIGHTINGS))
+def test_every_weighting_is_finite_at_every_timestep(name, v, zero_terminal_snr):
+    sched = N.make_noise_scheduler(v_parameterization=v, zero_terminal_snr=zero_terminal_snr)
+    t = torch.arange(sched.config.num_train_timesteps)
+    args = SimpleNamespace(v_parameterization=v, **_WEIGHTINGS[name])
+    w = N.weight_loss(torch.ones(len(t)), t, sched, args)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    snr = sched.all_snr.double()
+    if zero_terminal_snr:
+        assert snr[-1] == 0  # the case that divided by zero
+    # the documented limits at the noisiest step and the bounds of the clipped SNR
+    if name == "min_snr_gamma":
+        assert w[-1].item() == pytest.approx(0.0 if (v and zero_terminal_snr) else (
+            min(snr[-1].item(), 5) / (snr[-1].item() + 1) if v else 1.0), abs=1e-6)
+    if name == "debiased_estimation_loss":
+        assert w.max().item() <= N.SNR_MIN ** -0.5 * (1 + 1e-5)
+    if name == "v_pred_like_loss":
+        assert w.max().item() <= 1 + 0.1 * (1 + N.SNR_MIN) / N.SNR_MIN * (1 + 1e-5)
+    if name == "scale_v_pred_loss_like_noise_pred" and zero_terminal_snr:
+        assert w[-1].item() == 0.0
+    if not zero_terminal_snr and name != "all":  # the SD schedule's SNR is above SNR_MIN: no clipping there
+        assert snr.min() > N.SNR_MIN
