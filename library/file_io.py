@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -70,6 +71,24 @@ def temp_dir_beside(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished folder `new` to `target`. An existing `target` is first renamed aside (a hidden
+    `.<name>.*.old` folder beside it), then the new one moved in, then the old one deleted: a crash at any
+    point leaves one complete folder (the old one aside at worst), never none."""
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = temp_dir_beside(target, ".old")  # empty: a folder may be renamed over an empty one
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)  # put the old one back
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def refuse_overwrite(output: str | os.PathLike, inputs: list[str | os.PathLike], flag: str = "--save_to") -> None:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from library import ldm_convert as lc
-from library.file_io import CheckpointError, atomic_path, precision_dtype, refuse_overwrite, temp_dir_beside
+from library.file_io import CheckpointError, atomic_path, precision_dtype, refuse_overwrite, replace_dir, temp_dir_beside
 from library.sd_configs import ModelComponents, build_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -496,20 +495,10 @@ def _save_diffusers(comps: ModelComponents, path: Path, dtype) -> None:
         else:
             index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-        _replace_folder(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _replace_folder(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def _write_diffusers_model(model, folder: Path, dtype) -> None:

@@ -23,13 +23,17 @@ from library.malloc_tuning import keep_freed_memory_for_reuse
 from library.train_setup import (_allow_fp16_gradient_unscale, _place, create_network, load_components,  # noqa: F401
                                  merge_base_weights, optimizer_groups, parse_network_args, release_memory,
                                  set_attention, weight_dtypes)
-from library.trainer_io import OutputNamer, save_network
+from library.trainer_io import OutputNamer, count_nonfinite, save_network
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingStopped(Exception):
     """A run stopped early (NaN loss); the message says why and where the last good save is."""
+
+
+NONFINITE_CAUSES = ("likely causes: a learning rate too high (--learning_rate / --unet_lr / --text_encoder_lr), "
+                    "fp16 without --no_half_vae (NaN latents), --full_fp16 overflow, extreme loss weights")
 
 
 class _Interrupt:
@@ -70,6 +74,7 @@ class NetworkTrainer:
         self.step_losses: list[float] = []  # loss of the last batch of each optimizer step
         self.interrupted = False
         self.final_path = ""
+        self.skipped_steps = 0  # optimizer steps the fp16 grad scaler skipped (not failures)
 
     # ------------------------------------------------------------------ setup
     def setup(self, components: Any = None) -> None:
@@ -369,14 +374,16 @@ class NetworkTrainer:
         with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.network):
             loss = self.loss(batch)
             if not torch.isfinite(loss):
-                raise TrainingStopped(f"loss is {loss.item()} at step {progress.global_step + 1} (epoch "
-                                      f"{progress.epoch + 1}); stopped without saving. Last good save: "
-                                      f"{self.last_save or 'none'}")
+                self.stop_on_nonfinite_loss(loss.item(), progress)
             self.accelerator.backward(loss)  # divides by gradient_accumulation_steps
         if sync:
             if args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
             self.optimizer.step()
+            if self.accelerator.optimizer_step_was_skipped:  # fp16 grad scaler: inf gradients, scale lowered
+                self.skipped_steps += 1
+                logger.info("step %d: the fp16 grad scaler skipped the update (inf/NaN gradients; %d so far)",
+                            progress.global_step + 1, self.skipped_steps)
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.loss_window.append(loss.item())
@@ -443,6 +450,8 @@ class NetworkTrainer:
     def save(self, path: str, progress: train_state.Progress) -> str:
         meta = train_metadata.at_save(self.metadata, progress.global_step, progress.epoch, self.args.no_metadata)
         dtype = _save_dtype(self.args.save_precision)
+        self._refuse_nonfinite(self.accelerator.unwrap_model(self.network).state_dict().values(), dtype, path,
+                               progress)
         if self.accelerator.is_main_process:
             save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta)
             logger.info("saved %s", path)
@@ -450,11 +459,39 @@ class NetworkTrainer:
         return path
 
     def save_state(self, folder: str, progress: train_state.Progress) -> None:
+        self._refuse_nonfinite([self.accelerator.unwrap_model(self.network).state_dict(),
+                                self.optimizer.state_dict()["state"]], None, folder, progress)
         if self.accelerator.is_main_process:
             train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
                                    optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
                                    noise_generator=self.noise_generator, scaler=self.accelerator.scaler)
             logger.info("saved training state %s", folder)
+
+    def _refuse_nonfinite(self, tensors: Any, dtype: torch.dtype | None, path: str,
+                          progress: train_state.Progress) -> None:
+        """Stop instead of writing NaN/inf under a final name; the last good save named is finite."""
+        bad = count_nonfinite(tensors, dtype)
+        if bad:
+            where = f" in {self.args.save_precision}" if dtype is not None else ""
+            raise TrainingStopped(
+                f"the network or optimizer holds {bad} NaN/inf values{where} after step {progress.global_step} "
+                f"(epoch {progress.epoch + 1}): {os.path.basename(path)} not written. Last good save: "
+                f"{self.last_save or 'none'}; {NONFINITE_CAUSES}")
+
+    def stop_on_nonfinite_loss(self, loss: float, progress: train_state.Progress) -> None:
+        """A NaN/inf loss is seen before backward, so the weights are still those of the last step: save them
+        (and the state) under a name that says so, then stop naming the file."""
+        step = progress.global_step
+        what = f"loss is {loss} at step {step + 1} (epoch {progress.epoch + 1})"
+        try:
+            path = self.save(self.namer.before_nonfinite(step), progress)
+            if self.args.save_state:
+                self.save_state(self.namer.before_nonfinite_state(step), progress)
+        except TrainingStopped as e:
+            raise TrainingStopped(f"{what}; {e}") from None
+        state = f" and {os.path.basename(self.namer.before_nonfinite_state(step))}" if self.args.save_state else ""
+        raise TrainingStopped(f"{what}: saved the network of step {step} as {path}{state}; stopped. "
+                              f"{NONFINITE_CAUSES}")
 
     def save_interrupted(self, progress: train_state.Progress) -> None:
         path = self.save(self.namer.step(progress.global_step), progress)

@@ -2,7 +2,8 @@
 
 A state folder holds the network weights, optimizer, scheduler, gradient scaler, every RNG stream (python,
 numpy, torch, the noise generator) and the progress counters (epoch, global step, batches taken in the
-epoch). It is written into a temporary folder and renamed, so a crash never leaves a half state. Unlike
+epoch). It is written into a temporary folder and renamed (an old folder of the same name is moved aside
+first and deleted last), so a crash never leaves a half state, nor no state. Unlike
 sd-scripts, the step counter, epoch and data position are restored: a resumed run takes the same next batch
 with the same learning rate as an uninterrupted one.
 """
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.file_io import temp_dir_beside
+from library.file_io import replace_dir, temp_dir_beside
 
 STATE_FILE = "train_state.pt"
 PROGRESS_FILE = "progress.json"
@@ -69,9 +70,7 @@ def save_state(folder: str | os.PathLike, *, network: torch.nn.Module, optimizer
         }
         torch.save(payload, tmp / STATE_FILE)
         (tmp / PROGRESS_FILE).write_text(json.dumps({**asdict(progress), **(extra or {})}, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        replace_dir(tmp, folder)  # an old state is renamed aside first, deleted once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

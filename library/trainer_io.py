@@ -1,11 +1,12 @@
-"""File names of training outputs (sd-scripts' `-000001` / `-step00000100` / `-state`), pruning, atomic saves."""
+"""File names of training outputs (sd-scripts' `-000001` / `-step00000100` / `-state`), pruning, atomic saves,
+and the finiteness check every save passes (a file under a final name never holds NaN or inf)."""
 from __future__ import annotations
 
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -36,6 +37,13 @@ class OutputNamer:
     def state_final(self) -> str:
         return str(self.dir / f"{self.name}-state")
 
+    def before_nonfinite(self, step: int) -> str:
+        """The network as it was after `step` steps, saved when the next loss was NaN or inf."""
+        return str(self.dir / f"{self.name}-step{step:08d}-before-nonfinite{self.ext}")
+
+    def before_nonfinite_state(self, step: int) -> str:
+        return str(self.dir / f"{self.name}-step{step:08d}-before-nonfinite-state")
+
     def _existing(self, pattern: str) -> list[tuple[int, Path]]:
         regex = re.compile(re.escape(self.name) + pattern + "$")
         found = []
@@ -58,11 +66,12 @@ class OutputNamer:
             self._prune(r"-(\d{6})-state", epoch - every * last_n_state)
 
     def prune_steps(self, step: int, every: int, last_n: int | None, last_n_state: int | None) -> None:
-        """Keep the step files of the last `last_n` steps (sd-scripts counts steps, not files)."""
+        """Keep the step files of the last `last_n` steps, both ends included (sd-scripts counts steps, not
+        files: at step 50, every 10, `last_n` 30 keeps 20, 30, 40 and 50)."""
         if last_n:
-            self._prune(r"-step(\d{8})" + re.escape(self.ext), step - last_n)
+            self._prune(r"-step(\d{8})" + re.escape(self.ext), step - last_n - 1)
         if last_n_state:
-            self._prune(r"-step(\d{8})-state", step - last_n_state)
+            self._prune(r"-step(\d{8})-state", step - last_n_state - 1)
 
 
 def save_network(network: Any, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
@@ -77,3 +86,18 @@ def save_network(network: Any, path: str, dtype: torch.dtype | None, metadata: d
         if tmp.exists():
             tmp.unlink()
         raise
+
+
+def count_nonfinite(tensors: Iterable[Any], dtype: torch.dtype | None = None) -> int:
+    """NaN and inf values among the floating-point tensors (nested in dicts/lists too), as stored in `dtype`
+    (a float32 value above 65504 becomes inf in fp16)."""
+    count = 0
+    for t in tensors:
+        if isinstance(t, dict):
+            count += count_nonfinite(t.values(), dtype)
+        elif isinstance(t, (list, tuple)):
+            count += count_nonfinite(t, dtype)
+        elif isinstance(t, torch.Tensor) and t.is_floating_point():
+            stored = t.detach().to(dtype) if dtype is not None and dtype != t.dtype else t.detach()
+            count += int((~torch.isfinite(stored)).sum().item())
+    return count

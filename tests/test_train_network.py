@@ -125,6 +125,7 @@ def test_ctrl_c_saves_and_nan_stops_keeping_last_save(model, dataset, tmp_path, 
 
     monkeypatch.setattr(network_trainer.NetworkTrainer, "loss", nan_at_step_4)
     out2 = tmp_path / "out2"
-    with pytest.raises(network_trainer.TrainingStopped, match=r"loss is nan at step 4.*lora-step00000002"):
+    with pytest.raises(network_trainer.TrainingStopped, match=r"loss is nan at step 4.*lora-step00000003-before"):
         train(base_args(model, dataset, out2, "--max_train_steps", "10", "--save_every_n_steps", "2"))
-    assert sorted(os.listdir(out2)) == ["lora-step00000002.safetensors"]
+    assert sorted(os.listdir(out2)) == ["lora-step00000002.safetensors",
+                                        "lora-step00000003-before-nonfinite.safetensors"]
