@@ -473,10 +473,7 @@ def build_dataset_group(args: argparse.Namespace, tokenizers: Sequence[Any] | No
                          weighted_captions=bool(getattr(args, "weighted_captions", False)),
                          prior_loss_weight=float(_arg(args, "prior_loss_weight", 1.0)),
                          source=config.source)
-    steps = getattr(args, "max_train_steps", None)
-    if steps:
-        group.set_max_train_steps(steps)
-    return group
+    return group  # a trainer sets the run's length (token warmup fractions) from its plan
 
 
 def _check_bucket_steps(config: DataConfig, min_steps: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
@@ -20,6 +19,7 @@ import torch
 
 from library import lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
 from library.malloc_tuning import keep_freed_memory_for_reuse
+from library.run_plan import RunPlan
 from library.train_setup import (_allow_fp16_gradient_unscale, _place, create_network, load_components,  # noqa: F401
                                  merge_base_weights, optimizer_groups, parse_network_args, release_memory,
                                  set_attention, weight_dtypes)
@@ -110,7 +110,6 @@ class NetworkTrainer:
         self.components = components if components is not None else load_components(args, self.sdxl, load_dtype)
         self.arch = self.components.arch
         self.v_param = bool(args.v_parameterization or self.components.v_parameterization)
-        args.v_parameterization = self.v_param
         from library.datasets import build_dataset_group
 
         self.dataset = build_dataset_group(args, self.components.tokenizers, self.sdxl, config=self.data_config)
@@ -202,16 +201,13 @@ class NetworkTrainer:
         result = optimizers.build_optimizer(train_args.optimizer_name(args), groups, args.learning_rate,
                                             args.optimizer_args, args.max_grad_norm, args.lr_scheduler)
         self.optimizer_result = result
-        self.steps_per_epoch = math.ceil(len(self.dataset) / args.gradient_accumulation_steps)
-        if args.max_train_epochs:
-            args.max_train_steps = args.max_train_epochs * self.steps_per_epoch
-        self.num_epochs = math.ceil(args.max_train_steps / self.steps_per_epoch)
-        if args.save_n_epoch_ratio:
-            args.save_every_n_epochs = max(1, self.num_epochs // args.save_n_epoch_ratio)
+        # every quantity derived from the run's length, once, after epochs are converted to steps
+        self.plan = RunPlan.resolve(args, len(self.dataset), self.accelerator.num_processes)
+        self.dataset.set_max_train_steps(self.plan.max_train_steps)  # token warmup fractions
         name = result.scheduler_override or args.lr_scheduler_type or args.lr_scheduler
         scheduler = lr_schedulers.build_scheduler(
-            name, result.optimizer, args.max_train_steps * self.accelerator.num_processes,
-            args.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_args,
+            name, result.optimizer, self.plan.lr_scheduler_steps,
+            self.plan.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_args,
             initial_lr=result.initial_lr)
         if args.full_fp16:
             _allow_fp16_gradient_unscale(self.accelerator)
@@ -292,7 +288,7 @@ class NetworkTrainer:
         weights = batch.get("loss_weights")
         if weights is not None:
             per_sample = per_sample * weights.to(per_sample)
-        return noise.weight_loss(per_sample, timesteps, self.noise_scheduler, args).mean()
+        return noise.weight_loss(per_sample, timesteps, self.noise_scheduler, args, self.v_param).mean()
 
     # ------------------------------------------------------------------ loop
     def run(self) -> str:
@@ -317,11 +313,10 @@ class NetworkTrainer:
                 init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
             self.accelerator.init_trackers(args.log_tracker_name or "network_train", config=None,
                                            init_kwargs=init_kwargs)
-        logger.info("training: %d batches per epoch, %d epochs, %d steps, %d trainable tensors",
-                    len(self.dataset), self.num_epochs, args.max_train_steps, len(self.trainable))
+        logger.info("training: %s, %d trainable tensors", self.plan.describe(), len(self.trainable))
         from tqdm import tqdm
 
-        self.bar = tqdm(total=args.max_train_steps, initial=progress.global_step, desc="steps", smoothing=0,
+        self.bar = tqdm(total=self.plan.max_train_steps, initial=progress.global_step, desc="steps", smoothing=0,
                         disable=not self.accelerator.is_local_main_process)
         if args.sample_at_first and progress.global_step == 0:
             self.sample(0, None)
@@ -338,7 +333,8 @@ class NetworkTrainer:
 
     def _loop(self, progress: train_state.Progress, interrupt: _Interrupt) -> None:
         args = self.args
-        for epoch in range(progress.epoch, self.num_epochs):
+        plan = self.plan
+        for epoch in range(progress.epoch, plan.num_epochs):
             progress.epoch = epoch
             net = self.accelerator.unwrap_model(self.network)
             if hasattr(net, "on_epoch_start"):
@@ -353,13 +349,13 @@ class NetworkTrainer:
                 if interrupt.requested:
                     self.save_interrupted(progress)
                     return
-                if progress.global_step >= args.max_train_steps:
+                if progress.global_step >= plan.max_train_steps:
                     break
-            if progress.global_step >= args.max_train_steps and progress.batches_in_epoch < len(self.dataset):
+            if progress.global_step >= plan.max_train_steps and progress.batches_in_epoch < len(self.dataset):
                 return
             progress.epoch, progress.batches_in_epoch = epoch + 1, 0
             self.after_epoch(epoch + 1, progress)
-            if progress.global_step >= args.max_train_steps:
+            if progress.global_step >= plan.max_train_steps:
                 return
 
     def step(self, batch: dict[str, Any], progress: train_state.Progress) -> bool:
@@ -411,7 +407,7 @@ class NetworkTrainer:
                 progress.global_step % args.sample_every_n_steps == 0:
             self.sample(progress.global_step, None)
         if args.save_every_n_steps and progress.global_step % args.save_every_n_steps == 0 \
-                and progress.global_step < args.max_train_steps:
+                and progress.global_step < self.plan.max_train_steps:
             self.save(self.namer.step(progress.global_step), progress)
             if args.save_state:
                 self.save_state(self.namer.step_state(progress.global_step), progress)
@@ -419,12 +415,12 @@ class NetworkTrainer:
                                    args.save_last_n_steps_state)
 
     def after_epoch(self, epoch: int, progress: train_state.Progress) -> None:
-        args = self.args
-        if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < self.num_epochs:
+        args, every = self.args, self.plan.save_every_n_epochs
+        if every and epoch % every == 0 and epoch < self.plan.num_epochs:
             self.save(self.namer.epoch(epoch), progress)
             if args.save_state:
                 self.save_state(self.namer.epoch_state(epoch), progress)
-            self.namer.prune_epochs(epoch, args.save_every_n_epochs, args.save_last_n_epochs,
+            self.namer.prune_epochs(epoch, every, args.save_last_n_epochs,
                                     args.save_last_n_epochs_state)
         if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
             self.sample(progress.global_step, epoch)
@@ -443,7 +439,8 @@ class NetworkTrainer:
     def _metadata(self) -> dict[str, str]:
         return train_metadata.training_metadata(
             self.args, arch=self.arch, v_parameterization=self.v_param, dataset=self.dataset,
-            num_batches_per_epoch=len(self.dataset), num_epochs=self.num_epochs,
+            num_batches_per_epoch=len(self.dataset), num_epochs=self.plan.num_epochs,
+            max_train_steps=self.plan.max_train_steps,
             optimizer_text=f"{self.optimizer_result.name}({self.optimizer_result.args_text})",
             network_args=self.network_kwargs, started_at=time.time())
 

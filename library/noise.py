@@ -153,9 +153,11 @@ def apply_debiased_estimation(loss: torch.Tensor, timesteps: torch.Tensor, noise
     return loss * (1.0 / torch.sqrt(snr)).to(loss.device)
 
 
-def weight_loss(loss: torch.Tensor, timesteps: torch.Tensor, noise_scheduler: Any, args: Any) -> torch.Tensor:
-    """Apply every configured per-sample loss weighting of `args` to `loss` (B,)."""
-    v = bool(getattr(args, "v_parameterization", False))
+def weight_loss(loss: torch.Tensor, timesteps: torch.Tensor, noise_scheduler: Any, args: Any,
+                v_prediction: bool | None = None) -> torch.Tensor:
+    """Apply every configured per-sample loss weighting of `args` to `loss` (B,); `v_prediction` (the model's,
+    which a 768-v checkpoint implies) overrides `args.v_parameterization`."""
+    v = bool(getattr(args, "v_parameterization", False)) if v_prediction is None else v_prediction
     if getattr(args, "min_snr_gamma", None):
         loss = apply_snr_weight(loss, timesteps, noise_scheduler, args.min_snr_gamma, v)
     if getattr(args, "scale_v_pred_loss_like_noise_pred", False):

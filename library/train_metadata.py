@@ -91,8 +91,10 @@ def dataset_metadata(group: Any) -> dict[str, Any]:
 
 def training_metadata(args: argparse.Namespace, *, arch: str, v_parameterization: bool, dataset: Any,
                       num_batches_per_epoch: int, num_epochs: int, optimizer_text: str,
-                      network_args: dict[str, Any], started_at: float) -> dict[str, str]:
-    """The metadata fixed at the start of training (steps and epoch are added at each save)."""
+                      network_args: dict[str, Any], started_at: float,
+                      max_train_steps: int | None = None) -> dict[str, str]:
+    """The metadata fixed at the start of training (steps and epoch are added at each save).
+    `max_train_steps`: the run's length from its plan (`--max_train_epochs` converted), else the argument."""
     meta: dict[str, Any] = {
         "ss_session_id": str(uuid.uuid4().int & (2**31 - 1)),
         "ss_training_started_at": started_at,
@@ -104,7 +106,7 @@ def training_metadata(args: argparse.Namespace, *, arch: str, v_parameterization
         "ss_num_epochs": num_epochs,
         "ss_gradient_checkpointing": args.gradient_checkpointing,
         "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "ss_max_train_steps": args.max_train_steps,
+        "ss_max_train_steps": max_train_steps if max_train_steps is not None else args.max_train_steps,
         "ss_lr_warmup_steps": args.lr_warmup_steps,
         "ss_lr_scheduler": args.lr_scheduler,
         "ss_network_module": args.network_module,

@@ -106,7 +106,7 @@ def test_options_run_and_change_only_what_they_should(model, dataset, tmp_path, 
         assert meta["ss_full_bf16"] == "True"
     else:
         assert len(trainer.step_losses) == 2 and trainer.progress.global_step == 2
-        assert trainer.steps_per_epoch == 2 and trainer.progress.epoch == 1  # 4 batches, 2 per optimizer step
+        assert trainer.plan.steps_per_epoch == 2 and trainer.progress.epoch == 1  # 4 batches, 2 per optimizer step
         ss = {k for k in meta if k.startswith("ss_")}  # --no_metadata keeps what rebuilds the network
         assert ss == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha"}
         assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
