@@ -279,7 +279,6 @@ class DatasetGroup(torch.utils.data.Dataset):
         self.prior_loss_weight = prior_loss_weight
         self.source = source
         self.cache_to_disk = False
-        self.latent_scale = 1.0  # the VAE's scaling factor, applied to cached latents in batches
         self.max_train_steps: int | None = None
         # shared with data loader workers, as the trainer changes them between epochs / steps
         self._epoch = multiprocessing.Value("i", 1)
@@ -396,7 +395,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         if latents and len(latents) != len(infos):
             raise RuntimeError(f"{ds.config.where}: some images of a batch have cached latents and some not")
         if latents:
-            batch["latents"] = torch.stack(latents) * self.latent_scale
+            batch["latents"] = torch.stack(latents)  # unscaled, as the VAE gives them (the trainer scales)
         else:
             batch["images"] = torch.stack(images)
         if alphas:
@@ -449,11 +448,11 @@ class DatasetGroup(torch.utils.data.Dataset):
     def cache_latents(self, vae: Any, vae_batch_size: int = 1, cache_to_disk: bool = False,
                       device: str | torch.device | None = None, progress: bool = True) -> None:
         """Encode every image once (see library.latent_cache); batches then hold `latents` instead of `images`,
-        multiplied by the VAE's scaling factor (ready for the U-Net, like freshly encoded latents)."""
+        unscaled, as the VAE's latent distribution gives them and the .npz files hold them (the trainer alone
+        multiplies every latent, cached or fresh, by the VAE's scaling factor)."""
         from library.latent_cache import cache_group_latents
 
         self.cache_to_disk = cache_to_disk
-        self.latent_scale = float(getattr(getattr(vae, "config", None), "scaling_factor", 1.0) or 1.0)
         cache_group_latents(self, vae, vae_batch_size, cache_to_disk, device=device, progress=progress)
 
 

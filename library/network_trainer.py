@@ -247,16 +247,17 @@ class NetworkTrainer:
                                  max_token_length=args.max_token_length)
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Scaled latents of the batch: cached ones (the dataset already applies the VAE's scaling factor;
-        the .npz files hold them unscaled, as sd-scripts) or encoded now."""
+        """The batch's latents scaled for the U-Net: cached ones (unscaled in batches and .npz files, as
+        sd-scripts) or encoded now; this is the one place the VAE's scaling factor is applied."""
         if batch.get("latents") is not None:
-            return batch["latents"].to(self.device, dtype=torch.float32)
-        vae = self.components.vae
-        with torch.no_grad():
-            images = batch["images"].to(self.device, dtype=next(vae.parameters()).dtype)
-            latents = vae.encode(images).latent_dist.sample()
-        if not torch.isfinite(latents).all():
-            raise TrainingStopped("the VAE produced NaN latents (use --no_half_vae)")
+            latents = batch["latents"].to(self.device, dtype=torch.float32)
+        else:
+            vae = self.components.vae
+            with torch.no_grad():
+                images = batch["images"].to(self.device, dtype=next(vae.parameters()).dtype)
+                latents = vae.encode(images).latent_dist.sample()
+            if not torch.isfinite(latents).all():
+                raise TrainingStopped("the VAE produced NaN latents (use --no_half_vae)")
         return latents.float() * self.latent_scale
 
     def time_ids(self, batch: dict[str, Any]) -> torch.Tensor:

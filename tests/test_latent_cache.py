@@ -102,7 +102,7 @@ def test_memory_cache_and_flip_variant(tmp_path, vae):
     for seed in range(10):
         b = g.make_batch(g.datasets[0], [0], np.random.default_rng(seed))
         expected = info.latents_flipped if b["flipped"][0] else info.latents
-        assert torch.allclose(b["latents"][0], expected * vae.config.scaling_factor)
+        assert torch.allclose(b["latents"][0], expected)  # unscaled: the trainer alone scales
         seen.add(b["flipped"][0])
     assert seen == {True, False}
 
@@ -114,8 +114,7 @@ def test_cached_latents_match_direct_encoding(tmp_path, vae):
     g.cache_latents(vae, cache_to_disk=False, progress=False)
     with torch.no_grad():
         dist = vae.encode(image).latent_dist
-    scale = vae.config.scaling_factor  # batches hold latents scaled for the U-Net
-    z = (g[0]["latents"] / scale - dist.mean) / dist.std  # a sample of this image's latent distribution
+    z = (g[0]["latents"] - dist.mean) / dist.std  # batches hold unscaled latents, as the VAE gives them  # a sample of this image's latent distribution
     assert z.shape == (1, 4, 8, 8) and abs(z.mean().item()) < 0.3 and 0.7 < z.std().item() < 1.3
     again = group(tmp_path)
     again.cache_latents(vae, cache_to_disk=False, progress=False)
