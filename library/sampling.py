@@ -186,12 +186,12 @@ def encode_prompts(components, prompts: Sequence[str], device: torch.device, cli
                    max_embeddings_multiples: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states (B, 2+75n or 77, C), pooled (B, C2) for SDXL else None) of A1111-weighted prompts.
 
-    n = `max_embeddings_multiples` chunks of 75 tokens (1..3); longer prompts are cut. Tokenizing and encoding
-    are library.text_encoding's, shared with training. SDXL ignores clip_skip.
+    n = `max_embeddings_multiples` chunks of 75 tokens (1..3); longer prompts are cut; `BREAK` starts the next
+    chunk. Tokenizing and encoding are library.text_encoding's, shared with training. SDXL ignores clip_skip.
     """
     from library import text_encoding
 
-    pairs = [text_encoding.tokenize_weighted(tok, list(prompts), 75 * max_embeddings_multiples)
+    pairs = [text_encoding.tokenize_weighted(tok, list(prompts), 75 * max_embeddings_multiples, breaks=True)
              for tok in components.tokenizers]
     ids = [p[0] for p in pairs]
     weights = [p[1] for p in pairs]

@@ -13,9 +13,14 @@ first chunk's `<BOS>`, the 75 inner positions of every chunk and the last chunk'
 states of both encoders concatenated (768 + 1280), and the second encoder's projected pooled output at the
 first `<EOS>` of the first chunk. Weights (A1111 `(word:1.2)` syntax) scale each position and the mean of the
 whole output is restored afterwards, as the WebUI does.
+
+`BREAK` (upper case, a word of its own) in generation and sample prompts (`tokenize_weighted(..., breaks=True)`)
+closes the current chunk, padded as a short text is, and starts the next one, as sd-scripts' generation script
+and the WebUI do. Training captions keep the word as text, as the original trainer does.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import torch
@@ -24,6 +29,7 @@ from library.captions import parse_weighted_prompt
 
 CHUNK = 75  # tokens of text per chunk
 CHUNK_LEN = CHUNK + 2  # with BOS and the closing token
+BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
 def chunk_count(max_token_length: int | None) -> int:
@@ -39,23 +45,36 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def _chunk_spans(n_tokens: int, breaks: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, end) of each chunk's text: 75 tokens at most, and a chunk ends at every BREAK position."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for end in [*breaks, n_tokens]:
+        spans.append((start, min(start + CHUNK, end)))  # a BREAK right after a BREAK gives an empty chunk
+        while spans[-1][1] < end:
+            spans.append((spans[-1][1], min(spans[-1][1] + CHUNK, end)))
+        start = end
+    return spans
+
+
 def build_chunks(tokens: Sequence[int], tokenizer: Any, n_chunks: int,
-                 weights: Sequence[float] | None = None) -> tuple[list[int], list[float]]:
+                 weights: Sequence[float] | None = None, breaks: Sequence[int] = ()) -> tuple[list[int], list[float]]:
     """Lay raw token ids (no specials) out as n_chunks * 77 ids with BOS/EOS per chunk, and their weights.
+    `breaks`: token positions where a BREAK starts a new chunk. Text past n_chunks chunks is cut.
 
     Decided by position, not by comparing ids, so a text token that equals the pad token ("!" of OpenCLIP)
     is never mistaken for padding.
     """
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, _pad_id(tokenizer)
-    tokens = list(tokens[:CHUNK * n_chunks])
-    weights = list(weights[:len(tokens)]) if weights is not None else [1.0] * len(tokens)
+    weights = list(weights) if weights is not None else [1.0] * len(tokens)
+    spans = _chunk_spans(len(tokens), breaks)[:n_chunks]
+    spans += [(len(tokens), len(tokens))] * (n_chunks - len(spans))  # chunks past the text: <BOS> <EOS> <PAD>...
     ids_out: list[int] = []
     w_out: list[float] = []
-    for k in range(n_chunks):
-        text = tokens[k * CHUNK:(k + 1) * CHUNK]
-        ids = [bos] + text + [eos] + [pad] * (CHUNK - len(text))
-        ids_out += ids
-        w_out += [1.0] + weights[k * CHUNK:(k + 1) * CHUNK] + [1.0] * (CHUNK_LEN - 1 - len(text))
+    for a, b in spans:
+        text = list(tokens[a:b])
+        ids_out += [bos] + text + [eos] + [pad] * (CHUNK - len(text))
+        w_out += [1.0] + list(weights[a:b]) + [1.0] * (CHUNK_LEN - 1 - len(text))
     return ids_out, w_out
 
 
@@ -73,20 +92,26 @@ def tokenize(tokenizer: Any, texts: str | Sequence[str], max_token_length: int |
     return torch.tensor(rows, dtype=torch.long).reshape(len(texts), n * CHUNK_LEN)
 
 
-def tokenize_weighted(tokenizer: Any, texts: str | Sequence[str],
-                      max_token_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and per-token weights (both (B, n*77)) of A1111-weighted prompts; the syntax is removed."""
+def tokenize_weighted(tokenizer: Any, texts: str | Sequence[str], max_token_length: int | None = None,
+                      breaks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and per-token weights (both (B, n*77)) of A1111-weighted prompts; the syntax is removed.
+    `breaks`: a `BREAK` word starts a new chunk (prompts), instead of being text (captions)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     n = chunk_count(max_token_length)
     ids_rows, w_rows = [], []
     for text in texts:
-        parts = parse_weighted_prompt(text)
-        pieces = _raw_tokens(tokenizer, [p for p, _ in parts])
-        tokens, weights = [], []
-        for toks, (_, w) in zip(pieces, parts):
+        parts = []  # (text, weight, starts a new chunk)
+        for piece, w in parse_weighted_prompt(text):
+            for i, sub in enumerate(BREAK.split(piece) if breaks else [piece]):
+                parts.append((sub, w, i > 0))
+        pieces = _raw_tokens(tokenizer, [p for p, _, _ in parts])
+        tokens, weights, chunk_breaks = [], [], []
+        for toks, (_, w, new_chunk) in zip(pieces, parts):
+            if new_chunk:
+                chunk_breaks.append(len(tokens))
             tokens += toks
             weights += [w] * len(toks)
-        ids, ws = build_chunks(tokens, tokenizer, n, weights)
+        ids, ws = build_chunks(tokens, tokenizer, n, weights, chunk_breaks)
         ids_rows.append(ids)
         w_rows.append(ws)
     return (torch.tensor(ids_rows, dtype=torch.long).reshape(len(texts), -1),

@@ -160,3 +160,38 @@ def test_wrong_input_length_is_an_error():
     m = tiny_models("sd1")
     with pytest.raises(ValueError, match="multiple of 77"):
         encode_tokens(m.text_encoders[0], torch.zeros(1, 80, dtype=torch.long))
+
+
+def test_break_closes_the_chunk_in_prompts_only(clip_tok, openclip_tok):
+    for tok in (clip_tok, openclip_tok):
+        ids, w = tokenize_weighted(tok, "a a BREAK (b:1.5) c", 225, breaks=True)
+        alone = [tokenize(tok, t) for t in ("a a", "b c")]
+        assert torch.equal(ids, torch.cat([*alone, tokenize(tok, "")], dim=1))  # third chunk: past the text
+        assert w[0, 77:81].tolist() == pytest.approx([1.0, 1.5, 1.0, 1.0])
+    # a full chunk then BREAK: no empty chunk in between; BREAK BREAK: an empty one; BREAKFAST is a word
+    ids, _ = tokenize_weighted(clip_tok, words(75) + " BREAK b", 150, breaks=True)
+    assert torch.equal(ids, torch.cat([tokenize(clip_tok, words(75)), tokenize(clip_tok, "b")], dim=1))
+    ids, _ = tokenize_weighted(clip_tok, "a BREAK BREAK b", 225, breaks=True)
+    assert torch.equal(ids, torch.cat([tokenize(clip_tok, t) for t in ("a", "", "b")], dim=1))
+    assert torch.equal(tokenize_weighted(clip_tok, "a BREAKFAST", breaks=True)[0], tokenize(clip_tok, "a BREAKFAST"))
+    # chunks past the limit are cut; training captions keep BREAK as text
+    ids, _ = tokenize_weighted(clip_tok, "a BREAK b BREAK c", 150, breaks=True)
+    assert torch.equal(ids, torch.cat([tokenize(clip_tok, "a"), tokenize(clip_tok, "b")], dim=1))
+    assert torch.equal(tokenize_weighted(clip_tok, "a BREAK b")[0], tokenize(clip_tok, "a BREAK b"))
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_sample_and_generation_prompts_encode_break_as_a_new_chunk(arch):
+    """library.sampling.encode_prompts (training samples and the generation scripts) honours BREAK."""
+    from library.sampling import encode_prompts
+
+    m = tiny_models(arch)
+    with torch.no_grad():
+        hidden, pooled = encode_prompts(m, ["a cat BREAK a dog"], torch.device("cpu"), max_embeddings_multiples=2)
+        ids = [torch.cat([tokenize(t, "a cat"), tokenize(t, "a dog")], dim=1) for t in m.tokenizers]
+        expected, expected_pooled = encode_tokens(m.text_encoders, ids, None, m.is_sdxl, tokenizers=m.tokenizers)
+        as_text, _ = encode_prompts(m, ["a cat a dog"], torch.device("cpu"), max_embeddings_multiples=2)
+    assert torch.equal(hidden, expected) and hidden.shape[1] == 152
+    assert not torch.allclose(hidden, as_text)
+    if arch == "sdxl":
+        assert torch.equal(pooled, expected_pooled)
