@@ -19,8 +19,9 @@ import torch
 
 from library import lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
 from library.malloc_tuning import keep_freed_memory_for_reuse
+from library.precision import Precision
 from library.run_plan import RunPlan
-from library.train_setup import (_allow_fp16_gradient_unscale, _place, create_network, load_components,  # noqa: F401
+from library.train_setup import (_place, create_network, load_components,  # noqa: F401
                                  merge_base_weights, optimizer_groups, parse_network_args, release_memory,
                                  set_attention, weight_dtypes)
 from library.trainer_io import OutputNamer, count_nonfinite, save_network
@@ -92,10 +93,11 @@ class NetworkTrainer:
         if args.logging_dir:
             log_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
         self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                       mixed_precision=args.mixed_precision,
+                                       mixed_precision="no",  # autocast and grad scaler: self.precision
                                        log_with=None if log_with is None else ("all" if log_with == "all" else log_with),
                                        project_dir=log_dir)
         self.device = self.accelerator.device
+        self.precision = Precision(args.mixed_precision, self.device, args.full_fp16)
         if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
             keep_freed_memory_for_reuse()
         if args.seed is not None:
@@ -209,8 +211,6 @@ class NetworkTrainer:
             name, result.optimizer, self.plan.lr_scheduler_steps,
             self.plan.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_args,
             initial_lr=result.initial_lr)
-        if args.full_fp16:
-            _allow_fp16_gradient_unscale(self.accelerator)
         self.network, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.network, result.optimizer,
                                                                                    scheduler)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -242,7 +242,7 @@ class NetworkTrainer:
         weights = batch.get("input_weights") if args.weighted_captions else None
         if weights is not None:
             weights = [w.to(self.device) for w in weights] if isinstance(weights, (list, tuple)) else weights.to(self.device)
-        with torch.set_grad_enabled(self.train_te), self.accelerator.autocast():
+        with torch.set_grad_enabled(self.train_te), self.precision.autocast():
             return encode_tokens(c.text_encoders, ids, args.clip_skip, self.sdxl, weights, tokenizers=c.tokenizers,
                                  max_token_length=args.max_token_length)
 
@@ -275,7 +275,7 @@ class NetworkTrainer:
         if self.sdxl:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.model_dtype),
                                            "time_ids": self.time_ids(batch).to(self.model_dtype)}
-        with self.accelerator.autocast():
+        with self.precision.autocast():
             pred = self.components.unet(noisy.to(self.model_dtype), timesteps, hidden.to(self.model_dtype),
                                         **kwargs).sample
         target = noise.training_target(latents, noise_t, timesteps, self.noise_scheduler, self.v_param)
@@ -299,7 +299,7 @@ class NetworkTrainer:
         if args.resume:
             progress = train_state.load_state(args.resume, network=self.accelerator.unwrap_model(self.network),
                                               optimizer=self.optimizer, scheduler=self.lr_scheduler,
-                                              noise_generator=self.noise_generator, scaler=self.accelerator.scaler)
+                                              noise_generator=self.noise_generator, scaler=self.precision.scaler)
             logger.info("resumed from %s at epoch %d, step %d", args.resume, progress.epoch + 1, progress.global_step)
         self.progress = progress
         self.namer = namer
@@ -372,16 +372,17 @@ class NetworkTrainer:
             loss = self.loss(batch)
             if not torch.isfinite(loss):
                 self.stop_on_nonfinite_loss(loss.item(), progress)
-            self.accelerator.backward(loss)  # divides by gradient_accumulation_steps
+            self.accelerator.backward(self.precision.scale(loss))  # divides by gradient_accumulation_steps
         if sync:
             if args.max_grad_norm:
+                self.precision.unscale(self.optimizer)
                 self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
-            self.optimizer.step()
-            if self.accelerator.optimizer_step_was_skipped:  # fp16 grad scaler: inf gradients, scale lowered
+            if self.precision.step(self.optimizer):
+                self.lr_scheduler.step()
+            else:  # fp16 grad scaler: inf gradients, update skipped and scale lowered (as accelerate on CUDA)
                 self.skipped_steps += 1
                 logger.info("step %d: the fp16 grad scaler skipped the update (inf/NaN gradients; %d so far)",
                             progress.global_step + 1, self.skipped_steps)
-            self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.loss_window.append(loss.item())
         if len(self.loss_window) > len(self.dataset):
@@ -462,7 +463,7 @@ class NetworkTrainer:
         if self.accelerator.is_main_process:
             train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
                                    optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
-                                   noise_generator=self.noise_generator, scaler=self.accelerator.scaler)
+                                   noise_generator=self.noise_generator, scaler=self.precision.scaler)
             logger.info("saved training state %s", folder)
 
     def _refuse_nonfinite(self, tensors: Any, dtype: torch.dtype | None, path: str,

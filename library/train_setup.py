@@ -16,11 +16,9 @@ logger = logging.getLogger("library.network_trainer")
 
 
 def weight_dtypes(args: argparse.Namespace, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(frozen model dtype, network dtype). Frozen weights follow the mixed precision except fp16 on CPU."""
+    """(frozen model dtype, network dtype). Frozen weights follow the mixed precision, on every device (fp16
+    autocast and its grad scaler run on CPUs too: library.precision)."""
     mixed = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    if mixed == torch.float16 and device.type == "cpu":
-        logger.warning("--mixed_precision fp16 has no CPU autocast: the frozen model stays fp32 (bf16 works on CPU)")
-        mixed = torch.float32
     network = mixed if (args.full_fp16 or args.full_bf16) else torch.float32
     return mixed, network
 
@@ -121,16 +119,3 @@ def _place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
         model.to(device=device, dtype=dtype)
     elif param.device != device:
         model.to(device)
-
-
-def _allow_fp16_gradient_unscale(accelerator: Any) -> None:
-    """--full_fp16: let the grad scaler unscale fp16 gradients (torch refuses by default)."""
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None:
-        return
-    original = scaler._unscale_grads_
-
-    def unscale(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ANN001
-        return original(optimizer, inv_scale, found_inf, True)
-
-    scaler._unscale_grads_ = unscale

@@ -62,3 +62,19 @@ def test_loader_workers_give_the_same_batches(setup, tmp_path):
         argv = base_args(model, data, tmp_path / name, "--max_train_steps", "7", *extra)  # later flags win
         runs[name] = train(argv).step_losses
     assert runs["workers"] == runs["inline"] and runs["persistent"] == runs["inline"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs wherever a GPU is present)")
+def test_cuda_rng_state_is_saved_and_restored(tmp_path):
+    from library import train_state
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.cuda.manual_seed_all(3)
+    torch.randn(5, device="cuda")
+    train_state.save_state(tmp_path / "s", network=net, optimizer=opt, scheduler=None,
+                           progress=train_state.Progress())
+    expected = torch.randn(8, device="cuda")
+    torch.cuda.manual_seed_all(99)
+    train_state.load_state(tmp_path / "s", network=net, optimizer=opt, scheduler=None)
+    assert torch.equal(torch.randn(8, device="cuda"), expected)
