@@ -34,7 +34,8 @@ class TrainingStopped(Exception):
 
 
 NONFINITE_CAUSES = ("likely causes: a learning rate too high (--learning_rate / --unet_lr / --text_encoder_lr), "
-                    "fp16 without --no_half_vae (NaN latents), --full_fp16 overflow, extreme loss weights")
+                    "fp16 without --no_half_vae (NaN latents), --full_fp16 (overflow, or AdamW's eps 1e-8 "
+                    "being 0 in fp16: --optimizer_args eps=1e-4), extreme loss weights")
 
 
 class _Interrupt:
