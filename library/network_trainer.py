@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from library import lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
+from library import lr_schedulers, noise, optimizers, preflight, train_args, train_metadata, train_state
 from library.malloc_tuning import keep_freed_memory_for_reuse
 from library.train_setup import (_allow_fp16_gradient_unscale, _place, create_network, load_components,  # noqa: F401
                                  merge_base_weights, optimizer_groups, parse_network_args, release_memory,
@@ -302,6 +302,8 @@ class NetworkTrainer:
         self.progress = progress
         self.namer = namer
         self.metadata = self._metadata()
+        if self.accelerator.is_main_process:
+            preflight.warn_if_disk_short(args, self.accelerator.unwrap_model(self.network), self.num_epochs)
         if self.accelerator.is_main_process and (args.log_with or args.logging_dir):
             init_kwargs = {}
             if args.log_tracker_config:
@@ -444,16 +446,16 @@ class NetworkTrainer:
         meta = train_metadata.at_save(self.metadata, progress.global_step, progress.epoch, self.args.no_metadata)
         dtype = _save_dtype(self.args.save_precision)
         if self.accelerator.is_main_process:
-            save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta)
+            path = save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta)
             logger.info("saved %s", path)
         self.last_save = path
         return path
 
     def save_state(self, folder: str, progress: train_state.Progress) -> None:
         if self.accelerator.is_main_process:
-            train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
-                                   optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
-                                   noise_generator=self.noise_generator, scaler=self.accelerator.scaler)
+            folder = train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
+                                            optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
+                                            noise_generator=self.noise_generator, scaler=self.accelerator.scaler)
             logger.info("saved training state %s", folder)
 
     def save_interrupted(self, progress: train_state.Progress) -> None:
@@ -499,6 +501,7 @@ def train(args: argparse.Namespace, sdxl: bool = False) -> NetworkTrainer:
         args.output_name = "last"
     if args.output_dir is None:
         raise ValueError("--output_dir is required (folder for the LoRA files)")
+    preflight.check_run(args, sdxl)  # output folder, numbers, network module, resume state, prompts: before loading
     if sdxl and getattr(args, "resolution", None) is None:
         args.resolution = "1024,1024"  # SDXL's native size (a dataset TOML's resolution wins)
     if sdxl and not args.network_train_unet_only:

@@ -1,4 +1,5 @@
-"""File names of training outputs (sd-scripts' `-000001` / `-step00000100` / `-state`), pruning, atomic saves."""
+"""File names of training outputs (sd-scripts' `-000001` / `-step00000100` / `-state`), pruning, atomic saves
+(that go beside the output folder when it is full or not writable)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from library.file_io import save_with_fallback, temp_file_beside
 
 
 class OutputNamer:
@@ -65,15 +68,19 @@ class OutputNamer:
             self._prune(r"-step(\d{8})-state", step - last_n_state)
 
 
-def save_network(network: Any, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
-    """`network.save_weights` into a temporary file with the same extension, then rename (atomic)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}{target.suffix}")
-    try:
-        network.save_weights(str(tmp), dtype, metadata)
-        os.replace(tmp, target)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+def save_network(network: Any, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> str:
+    """`network.save_weights` into a temporary file with the same extension, then rename (atomic).
+
+    A save that does not fit (disk full, no permission) goes beside the output folder instead
+    (`file_io.save_with_fallback`); returns the path written.
+    """
+    def write(target: str) -> None:
+        tmp = temp_file_beside(target)
+        try:
+            network.save_weights(str(tmp), dtype, metadata)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    return save_with_fallback(path, write, "LoRA")
