@@ -47,13 +47,13 @@ def check_run(args: argparse.Namespace, sdxl: bool) -> None:
 # ---------------------------------------------------------------- numbers
 
 def _at_least(low: float) -> tuple[Callable[[float], bool], str]:
-    return (lambda v: v >= low), f"at least {low:g}"
+    return (lambda v: v >= low), f"at least {low}"
 
 
 def _between(low: float, high: float, high_open: bool = False) -> tuple[Callable[[float], bool], str]:
     if high_open:
-        return (lambda v: low <= v < high), f"in [{low:g}, {high:g})"
-    return (lambda v: low <= v <= high), f"in [{low:g}, {high:g}]"
+        return (lambda v: low <= v < high), f"in [{low}, {high})"
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
 
 
 _ANY: tuple[Callable[[float], bool], str] = ((lambda v: True), "finite")
