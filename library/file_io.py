@@ -58,11 +58,7 @@ def precision_dtype(name: str | None) -> torch.dtype | None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_once(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), suffix=f".{path.name}", dir=path.parent)
-    os.close(fd)
+    tmp = str(temp_file_beside(path))
     try:
         yield tmp
         if os.path.isfile(tmp):  # mkstemp makes 0600 files; give the result the usual umask-based mode

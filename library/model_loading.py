@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -504,7 +503,7 @@ def _save_diffusers(comps: ModelComponents, path: Path, dtype) -> None:
 
 def _replace_folder(tmp: Path, path: Path) -> None:
     if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        old = temp_dir_beside(path, ".old")
         os.replace(path, old / path.name)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)

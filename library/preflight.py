@@ -170,7 +170,13 @@ def expected_ranks(args: argparse.Namespace, sdxl: bool) -> tuple[int, int | Non
     from networks import lora_blocks
 
     kwargs = parse_network_args(args.network_args)
-    parsed = lora_blocks.parse_network_args(kwargs, args.network_dim, args.network_alpha, sdxl)
+    quiet = logging.getLogger(lora_blocks.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its notes are logged when the network is built
+    try:
+        parsed = lora_blocks.parse_network_args(kwargs, args.network_dim, args.network_alpha, sdxl)
+    finally:
+        quiet.setLevel(level)
     if args.dim_from_weights or parsed.block_dims is not None:
         return None
     return parsed.dim, parsed.conv_dim
