@@ -6,7 +6,7 @@ replaces one of its inputs. `.ckpt` / `.pt` / `.bin` files are read with `torch.
 
 Temporary files and folders are named `.sdlora-tmp.<pid>-<process start>@<host>.<random>.<target name>`:
 the first write of a process into a folder removes the ones a dead process of this host left there (`kill -9`
-during a save), and nothing else. `save_with_fallback` keeps a training's output when its folder is full or
+during a save; those of another host once they are a day old), and nothing else. `save_with_fallback` keeps a training's output when its folder is full or
 not writable: it writes the same name into the output folder's parent, the working folder or the temporary
 folder instead, and says so in one line.
 """
@@ -22,6 +22,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -127,11 +128,17 @@ def _temp_prefix() -> str:
 _TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)(?:-(\d+))?@([A-Za-z0-9-]+)\.")
 
 
-def _writer_gone(name: str) -> bool:
-    """True for a temporary file of ours whose writing process (on this host) no longer runs."""
+_FOREIGN_STALE_S = 24 * 3600  # no save takes a day: older temporaries of another host (container) are stale
+
+
+def _writer_gone(name: str, mtime: float) -> bool:
+    """True for a temporary file of ours whose writing process no longer runs (checked on this host; one of
+    another host, e.g. an earlier container, once it is a day old)."""
     m = _TEMP_NAME.match(name)
-    if m is None or m.group(3) != _host():
+    if m is None:
         return False
+    if m.group(3) != _host():
+        return time.time() - mtime > _FOREIGN_STALE_S
     pid, start = int(m.group(1)), m.group(2)
     if os.path.isdir("/proc"):
         now = _process_start(pid)
@@ -153,9 +160,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(TEMP_PREFIX) or not _writer_gone(entry.name):
-            continue
         try:
+            if not entry.name.startswith(TEMP_PREFIX) or \
+                    not _writer_gone(entry.name, entry.stat(follow_symlinks=False).st_mtime):
+                continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)
             else:

@@ -349,6 +349,9 @@ def test_temporaries_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
     for name in others:
         (out / name).write_text("not ours to remove")
     live = file_io.temp_file_beside(out / "running.safetensors")  # a live process's (ours) temporary
+    old_foreign = out / f"{TEMP_PREFIX}1-1@container2.y.lora.safetensors"  # another host's, two days old
+    old_foreign.write_text("x")
+    os.utime(old_foreign, (old_foreign.stat().st_atime, old_foreign.stat().st_mtime - 2 * 86400))
     file_io._CLEANED.discard(os.path.abspath(out))
 
     preflight.check_output_dir(str(out))
