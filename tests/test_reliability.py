@@ -140,8 +140,10 @@ def _sample_prompt_bad_line(tmp, saved):
             r"--sample_prompts: prompt file .*prompts.txt, line 3: prompt option --w: bad value 'abc'")
 
 
-def _network_args_bad(tmp, saved):
-    return ["--network_args", "rank_dropout=2"], r"network_args rank_dropout=2.0: expected a probability in \[0, 1\)"
+def _network_args(item: str, expected: str):
+    def attack(tmp, saved):
+        return ["--network_args", item], expected
+    return attack
 
 
 def _number(flag: str, value: str, valid: str):
@@ -164,7 +166,10 @@ UP_FRONT = {
     "network_weights_other_dim": _network_weights_other_dim,
     "base_weights_truncated": _truncated_lora("--base_weights"),
     "sample_prompts_bad_line": _sample_prompt_bad_line,
-    "network_args_out_of_range": _network_args_bad,
+    "network_args_dropout_2": _network_args("rank_dropout=2", r"network_args rank_dropout=2.0: expected a probability"),
+    "network_args_conv_alpha_negative": _network_args("conv_alpha=-1", r"network_args conv_alpha=-1.0: expected a "
+                                                                       r"number >= 0"),
+    "network_args_conv_dim_nan": _network_args("conv_dim=nan", r"network_args conv_dim='nan': expected a finite"),
     "network_dim_0": _number("network_dim", "0", r"at least 1"),
     "network_alpha_negative": _number("network_alpha", "-1.0", r"at least 0"),
     "learning_rate_negative": _number("learning_rate", "-0.001", r"at least 0"),
