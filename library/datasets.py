@@ -240,15 +240,23 @@ class ImageDataset:
                                          cfg.bucket_reso_steps, cfg.bucket_no_upscale, cfg.enable_bucket)
         self.buckets: dict[Reso, list[int]] = {}
         self.ar_errors = []
+        too_small: list[str] = []
         for idx, info in enumerate(self.images):
             if info.bucket_reso is not None:  # the metadata's bucket for this image
                 info.resized_size = cover_size(info.size, info.bucket_reso)
                 self.ar_errors.append(info.bucket_reso[0] / info.bucket_reso[1] - info.size[0] / info.size[1])
             else:
-                choice = self.manager.select(*info.size)
+                try:
+                    choice = self.manager.select(*info.size)
+                except ValueError as e:  # bucket_no_upscale and an image smaller than one bucket step
+                    too_small.append(f"{info.path}: {e}")
+                    continue
                 info.bucket_reso, info.resized_size = choice.bucket_reso, choice.resized_size
                 self.ar_errors.append(choice.ar_error)
             self.buckets.setdefault(info.bucket_reso, []).extend([idx] * info.num_repeats)
+        if too_small:
+            more = f" (and {len(too_small) - 3} more images)" if len(too_small) > 3 else ""
+            raise ValueError(f"{cfg.where}: {len(too_small)} image(s) too small: " + "; ".join(too_small[:3]) + more)
 
     def batches(self, rng: np.random.Generator) -> list[list[int]]:
         """This epoch's batches (image indices), bucket contents shuffled by `rng`."""

@@ -109,16 +109,36 @@ def _check_one(path: str) -> tuple[int, int]:
 def read_image_sizes(paths: Iterable[str], workers: int = 4, progress: bool = True) -> list[tuple[int, int]]:
     """Decode every image once (catching corrupt files before training starts); return upright (w, h) sizes.
 
-    Decoding runs on a small thread pool (PIL releases the GIL while decoding).
+    Decoding runs on a small thread pool (PIL releases the GIL while decoding). Every unreadable image is
+    reported in one `ImageError` (how many, and the first few with their reasons).
     """
     from tqdm import tqdm
 
     paths = list(paths)
     if not paths:
         return []
+
+    def check(path: str) -> tuple[int, int] | ImageError:
+        try:
+            return _check_one(path)
+        except ImageError as e:
+            return e
+
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
-        it = pool.map(_check_one, paths)
-        return list(tqdm(it, total=len(paths), desc="checking images", disable=not progress or len(paths) < 50))
+        it = pool.map(check, paths)
+        results = list(tqdm(it, total=len(paths), desc="checking images", disable=not progress or len(paths) < 50))
+    errors = [r for r in results if isinstance(r, ImageError)]
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        shown = "; ".join(str(e).split("; replace or remove")[0] for e in errors[:_ERRORS_SHOWN])
+        more = f"; and {len(errors) - _ERRORS_SHOWN} more" if len(errors) > _ERRORS_SHOWN else ""
+        raise ImageError(f"{len(errors)} of {len(paths)} images cannot be read: {shown}{more}; replace or remove "
+                         f"them (supported: {' '.join(IMAGE_EXTENSIONS)})")
+    return results
+
+
+_ERRORS_SHOWN = 5
 
 
 SIZE_CACHE_NAME = "image_size_cache.json"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from library import lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
+from library import lr_schedulers, noise, optimizers, preflight, train_args, train_metadata, train_state
 from library.malloc_tuning import keep_freed_memory_for_reuse
 from library.precision import Precision
 from library.run_plan import RunPlan
@@ -305,6 +305,8 @@ class NetworkTrainer:
         self.progress = progress
         self.namer = namer
         self.metadata = self._metadata()
+        if self.accelerator.is_main_process:
+            preflight.warn_if_disk_short(args, self.accelerator.unwrap_model(self.network), self.plan)
         if self.accelerator.is_main_process and (args.log_with or args.logging_dir):
             init_kwargs = {}
             if args.log_tracker_config:
@@ -453,7 +455,7 @@ class NetworkTrainer:
         self._refuse_nonfinite(self.accelerator.unwrap_model(self.network).state_dict().values(), dtype, path,
                                progress)
         if self.accelerator.is_main_process:
-            save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta)
+            path = save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta)
             logger.info("saved %s", path)
         self.last_save = path
         return path
@@ -462,9 +464,9 @@ class NetworkTrainer:
         self._refuse_nonfinite([self.accelerator.unwrap_model(self.network).state_dict(),
                                 self.optimizer.state_dict()["state"]], None, folder, progress)
         if self.accelerator.is_main_process:
-            train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
-                                   optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
-                                   noise_generator=self.noise_generator, scaler=self.precision.scaler)
+            folder = train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
+                                            optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
+                                            noise_generator=self.noise_generator, scaler=self.precision.scaler)
             logger.info("saved training state %s", folder)
 
     def _refuse_nonfinite(self, tensors: Any, dtype: torch.dtype | None, path: str,
@@ -536,6 +538,7 @@ def train(args: argparse.Namespace, sdxl: bool = False) -> NetworkTrainer:
         args.output_name = "last"
     if args.output_dir is None:
         raise ValueError("--output_dir is required (folder for the LoRA files)")
+    preflight.check_run(args, sdxl)  # output folder, numbers, network module, resume state, prompts: before loading
     if sdxl and getattr(args, "resolution", None) is None:
         args.resolution = "1024,1024"  # SDXL's native size (a dataset TOML's resolution wins)
     if sdxl and not args.network_train_unet_only:

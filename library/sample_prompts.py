@@ -143,20 +143,24 @@ def prompt_from_dict(entry: dict[str, Any], index: int = 0, source: str = "promp
         if key == "subset":
             continue
         if key not in _DICT_KEYS:
-            raise ValueError(f"{source}: unknown key {key!r}; valid: {', '.join(sorted(_DICT_KEYS))}")
+            raise ValueError(f"{source}{': ' if source else ''}unknown key {key!r}; valid: {', '.join(sorted(_DICT_KEYS))}")
         attr, convert = _DICT_KEYS[key]
         try:
             setattr(spec, attr, convert(value))
         except (TypeError, ValueError):
-            raise ValueError(f"{source}: bad value {value!r} for {key!r}") from None
+            raise ValueError(f"{source}{': ' if source else ''}bad value {value!r} for {key!r}") from None
     if spec.network_muls is not None:
         spec.network_muls = [float(v) for v in spec.network_muls]
     spec.index = index
     return spec
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
-    """Read a .txt / .toml / .json prompt file into PromptSpecs (`index` = position among the prompts)."""
+def read_prompt_file(path: str | os.PathLike, skip_invalid: bool = False) -> list[PromptSpec]:
+    """Read a .txt / .toml / .json prompt file into PromptSpecs (`index` = position among the prompts).
+
+    A bad entry raises ValueError naming the file and its line (.txt) or entry number; with `skip_invalid`
+    it is logged and left out instead, so one bad line never costs the others (sampling during training).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path}: no such file")
@@ -172,25 +176,36 @@ def read_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
         base = data.get("prompt")
         if not isinstance(base, dict) or not isinstance(base.get("subset"), list):
             raise ValueError(f"prompt file {path}: expected a [prompt] table with [[prompt.subset]] entries")
-        entries: list[Any] = [{**base, **sub} for sub in base["subset"]]
+        entries: list[tuple[str, Any]] = [(f"[[prompt.subset]] {i + 1}", {**base, **sub})
+                                          for i, sub in enumerate(base["subset"])]
     elif suffix == ".json":
         try:
-            entries = json.loads(text)
+            items = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"prompt file {path}: invalid JSON ({e})") from None
-        if not isinstance(entries, list):
+        if not isinstance(items, list):
             raise ValueError(f"prompt file {path}: expected a JSON list of prompt lines or prompt objects")
+        entries = [(f"entry {i}", item) for i, item in enumerate(items)]
     else:  # .txt and anything else: one prompt a line
-        entries = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        entries = [(f"line {n}", ln.strip()) for n, ln in enumerate(text.splitlines(), 1)
+                   if ln.strip() and not ln.lstrip().startswith("#")]
     specs = []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, str):
-            specs.append(parse_prompt_line(entry, index=i))
-        elif isinstance(entry, dict):
-            specs.append(prompt_from_dict(entry, index=i, source=f"prompt file {path}, entry {i}"))
-        else:
-            raise ValueError(f"prompt file {path}, entry {i}: expected a string or an object, got {type(entry).__name__}")
+    for i, (where, entry) in enumerate(entries):
+        try:
+            specs.append(_parse_entry(entry, i))
+        except ValueError as e:
+            if not skip_invalid:
+                raise ValueError(f"prompt file {path}, {where}: {e}") from None
+            logger.error("prompt file %s, %s: %s; this prompt is skipped", path, where, e)
     return specs
+
+
+def _parse_entry(entry: Any, index: int) -> PromptSpec:
+    if isinstance(entry, str):
+        return parse_prompt_line(entry, index=index)
+    if isinstance(entry, dict):
+        return prompt_from_dict(entry, index=index, source="")
+    raise ValueError(f"expected a string or an object, got {type(entry).__name__}")
 
 
 # {[e$$][count or range$$][separator$$]variant|variant|...}

@@ -474,8 +474,10 @@ def sample_images(components, prompts_file: str | os.PathLike | Sequence[PromptS
     from library.image_output import png_metadata, save_png
 
     try:
-        specs = read_prompt_file(prompts_file) if isinstance(prompts_file, (str, os.PathLike)) else list(prompts_file)
-    except (FileNotFoundError, ValueError) as e:  # a bad prompt file must not end hours of training
+        specs = read_prompt_file(prompts_file, skip_invalid=True) if isinstance(prompts_file, (str, os.PathLike)) \
+            else list(prompts_file)
+    except (FileNotFoundError, ValueError) as e:  # a bad prompt file must not end hours of training (bad lines are
+        # skipped one by one; the trainer refuses a bad file before it starts: library.preflight)
         logger.error("no sample images at step %d: %s", step, e)
         return []
     if not specs:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.file_io import replace_dir, temp_dir_beside
+from library.file_io import replace_dir, save_with_fallback, temp_dir_beside
 
 STATE_FILE = "train_state.pt"
 PROGRESS_FILE = "progress.json"
@@ -57,24 +57,29 @@ def set_rng_state(state: dict[str, Any], noise_generator: torch.Generator | None
 def save_state(folder: str | os.PathLike, *, network: torch.nn.Module, optimizer: Any, scheduler: Any,
                progress: Progress, noise_generator: torch.Generator | None = None, scaler: Any = None,
                extra: dict[str, Any] | None = None) -> str:
-    """Write the state folder atomically (temporary folder beside it, then rename); returns its path."""
-    folder = Path(folder)
-    tmp = temp_dir_beside(folder)
-    try:
-        payload = {
-            "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": _rng_to_saveable(rng_state(noise_generator)),
-        }
-        torch.save(payload, tmp / STATE_FILE)
-        (tmp / PROGRESS_FILE).write_text(json.dumps({**asdict(progress), **(extra or {})}, indent=2))
-        replace_dir(tmp, folder)  # an old state is renamed aside first, deleted once the new one is in place
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return str(folder)
+    """Write the state folder atomically (temporary folder beside it, then rename); returns its path (beside
+    the output folder when that is full or not writable: `file_io.save_with_fallback`)."""
+    payload = {
+        "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_to_saveable(rng_state(noise_generator)),
+    }
+    progress_text = json.dumps({**asdict(progress), **(extra or {})}, indent=2)
+
+    def write(target: str) -> None:
+        target = Path(target)
+        tmp = temp_dir_beside(target)
+        try:
+            torch.save(payload, tmp / STATE_FILE)
+            (tmp / PROGRESS_FILE).write_text(progress_text)
+            replace_dir(tmp, target)  # an old state is renamed aside first, deleted once the new one is in place
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return save_with_fallback(folder, write, "training state")
 
 
 def _rng_to_saveable(state: dict[str, Any]) -> dict[str, Any]:
@@ -99,15 +104,42 @@ def read_progress(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / PROGRESS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"--resume {folder}: not a training state folder (no {PROGRESS_FILE})")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+        Progress(int(info["epoch"]), int(info["global_step"]), int(info["batches_in_epoch"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume {folder}: {PROGRESS_FILE} is damaged ({type(e).__name__}: {e}); "
+                         "resume from another state folder") from None
+    return info
+
+
+def read_state(folder: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """The saved payload of a state folder (network, optimizer, scheduler, rng); a missing, truncated or
+    damaged file is a ValueError naming it. `mmap` maps the tensors instead of reading them (a quick check)."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {folder}: not a training state folder (no {STATE_FILE})")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError / UnpicklingError / EOFError ...
+        raise ValueError(f"--resume {folder}: {STATE_FILE} is damaged or truncated "
+                         f"({str(e).splitlines()[0][:160]}); resume from another state folder") from None
+    missing = [k for k in ("network", "optimizer", "rng") if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise ValueError(f"--resume {folder}: {STATE_FILE} lacks {', '.join(missing)}; not a state of this trainer")
+    return payload
 
 
 def load_state(folder: str | os.PathLike, *, network: torch.nn.Module, optimizer: Any, scheduler: Any,
                noise_generator: torch.Generator | None = None, scaler: Any = None) -> Progress:
     """Restore everything `save_state` wrote into the given live objects; returns the progress."""
     info = read_progress(folder)
-    payload = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    missing, unexpected = network.load_state_dict(payload["network"], strict=False)
+    payload = read_state(folder)
+    try:
+        missing, unexpected = network.load_state_dict(payload["network"], strict=False)
+    except RuntimeError as e:  # size mismatch
+        raise ValueError(f"--resume {folder}: the state's network does not match this network "
+                         f"({str(e).splitlines()[-1].strip()[:200]}; same --network_* options?)") from None
     if unexpected or missing:
         raise ValueError(f"--resume {folder}: the state's network does not match this network "
                          f"({len(missing)} missing, {len(unexpected)} unexpected keys; same --network_* options?)")

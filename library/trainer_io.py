@@ -1,5 +1,6 @@
-"""File names of training outputs (sd-scripts' `-000001` / `-step00000100` / `-state`), pruning, atomic saves,
-and the finiteness check every save passes (a file under a final name never holds NaN or inf)."""
+"""File names of training outputs (sd-scripts' `-000001` / `-step00000100` / `-state`), pruning, atomic saves
+(that go beside the output folder when it is full or not writable), and the finiteness check every save passes
+(a file under a final name never holds NaN or inf)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+
+from library.file_io import save_with_fallback, temp_file_beside
 
 
 class OutputNamer:
@@ -74,20 +77,6 @@ class OutputNamer:
             self._prune(r"-step(\d{8})-state", step - last_n_state - 1)
 
 
-def save_network(network: Any, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
-    """`network.save_weights` into a temporary file with the same extension, then rename (atomic)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}{target.suffix}")
-    try:
-        network.save_weights(str(tmp), dtype, metadata)
-        os.replace(tmp, target)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-
-
 def count_nonfinite(tensors: Iterable[Any], dtype: torch.dtype | None = None) -> int:
     """NaN and inf values among the floating-point tensors (nested in dicts/lists too), as stored in `dtype`
     (a float32 value above 65504 becomes inf in fp16)."""
@@ -101,3 +90,19 @@ def count_nonfinite(tensors: Iterable[Any], dtype: torch.dtype | None = None) ->
             stored = t.detach().to(dtype) if dtype is not None and dtype != t.dtype else t.detach()
             count += int((~torch.isfinite(stored)).sum().item())
     return count
+def save_network(network: Any, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> str:
+    """`network.save_weights` into a temporary file with the same extension, then rename (atomic).
+
+    A save that does not fit (disk full, no permission) goes beside the output folder instead
+    (`file_io.save_with_fallback`); returns the path written.
+    """
+    def write(target: str) -> None:
+        tmp = temp_file_beside(target)
+        try:
+            network.save_weights(str(tmp), dtype, metadata)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    return save_with_fallback(path, write, "LoRA")

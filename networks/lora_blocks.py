@@ -48,9 +48,12 @@ def to_float(name: str, value: Any) -> float | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         return None
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"network_args {name}={value!r}: expected a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"network_args {name}={value!r}: expected a finite number")
+    return number
 
 
 def to_int(name: str, value: Any) -> int | None:
@@ -176,6 +179,8 @@ def parse_network_args(kwargs: Mapping[str, Any], network_dim: Any, network_alph
         value = getattr(args, name)
         if value is not None and not 0 <= value < 1:
             raise ValueError(f"network_args {name}={value}: expected a probability in [0, 1)")
+    if args.conv_alpha is not None and args.conv_alpha < 0:
+        raise ValueError(f"network_args conv_alpha={args.conv_alpha}: expected a number >= 0")
     if args.conv_dim is None:
         args.conv_alpha = None
 

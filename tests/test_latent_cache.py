@@ -138,7 +138,7 @@ def test_interrupted_cache_keeps_whole_files_and_resumes(tmp_path, vae):
         group(tmp_path).cache_latents(v, vae_batch_size=1, cache_to_disk=True, progress=False)
     files = sorted(os.listdir(folder))
     assert [f for f in files if f.endswith(".npz")] == ["img0.npz", "img1.npz"]
-    assert not [f for f in files if f.endswith(".tmp")]  # no half-written file
+    assert not [f for f in files if f.startswith(".")]  # no half-written (hidden temporary) file
     v2 = CountingVAE(vae)
     group(tmp_path).cache_latents(v2, vae_batch_size=1, cache_to_disk=True, progress=False)
     assert v2.encoded == 2

@@ -70,10 +70,10 @@ def test_atomic_writes_leave_no_temp_files_and_use_the_umask(tmp_path):
 def test_saved_model_folders_and_states_get_the_umask_mode(tmp_path):
     import os
 
-    from library.file_io import temp_dir_beside
+    from library.file_io import TEMP_PREFIX, temp_dir_beside
 
     umask = os.umask(0)
     os.umask(umask)
     folder = temp_dir_beside(tmp_path / "model")
     assert (folder.stat().st_mode & 0o777) == 0o777 & ~umask
-    assert folder.parent == tmp_path and folder.name.startswith(".model.")
+    assert folder.parent == tmp_path and folder.name.startswith(TEMP_PREFIX) and folder.name.endswith(".model.tmp")
