@@ -88,8 +88,9 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def contact_sheet(samples: dict[str, dict[str, str]], path: str, thumb: int = 128) -> str | None:
-    """A grid PNG: one row per prompt, one column per sampling point, column labels on top."""
+def contact_sheet(samples: dict[str, dict[str, str]], path: str, max_cell: int = 256) -> str | None:
+    """A grid PNG: one row per prompt, one column per sampling point, column labels on top; cells are the
+    samples' size, at most `max_cell` pixels."""
     from PIL import Image, ImageDraw
 
     from library.file_io import atomic_path
@@ -97,6 +98,8 @@ def contact_sheet(samples: dict[str, dict[str, str]], path: str, thumb: int = 12
     points = sorted({p for row in samples.values() for p in row}, key=lambda p: (p.startswith("e"), p))
     if not points:
         return None
+    with Image.open(next(iter(next(iter(samples.values())).values()))) as first:
+        thumb = min(max_cell, max(first.size))
     label_h, label_w = 16, 40
     sheet = Image.new("RGB", (label_w + thumb * len(points), label_h + thumb * len(samples)), "white")
     draw = ImageDraw.Draw(sheet)
