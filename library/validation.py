@@ -57,6 +57,11 @@ def validate_split(config: Any, args: argparse.Namespace) -> None:
                 raise ValueError(f"{sub.where}: validation = true cannot be used with is_reg = true")
         if all(s.validation or s.is_reg for s in ds.subsets):
             raise ValueError(f"{ds.where}: every subset is validation (or regularization); keep one to train on")
+    if HoldOut.from_args(args, config) is None:
+        for flag in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "validation_seed"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag} needs held-out images: --validation_split (e.g. 0.1) or a subset with "
+                                 "validation = true in the dataset config")
 
 
 class EmptyPart(ValueError):

@@ -66,3 +66,15 @@ def test_without_loraplus_groups_are_unchanged():
 def test_bad_ratio_is_a_one_line_error_naming_the_argument(value):
     with pytest.raises(ValueError, match=f"network_args loraplus_unet_lr_ratio={value}: expected"):
         parse_ratios({"loraplus_unet_lr_ratio": value})
+
+
+def test_training_logs_the_plus_groups_and_records_the_ratio(tmp_path):
+    from library.file_io import read_metadata
+    from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
+
+    trainer = train(base_args(tiny_model_dir(), solid_dataset(tmp_path / "data"), tmp_path / "out",
+                              "--max_train_steps", "1", "--network_train_unet_only", "--unet_lr", "2e-4",
+                              "--network_args", "loraplus_lr_ratio=16"))
+    logs = trainer.lr_logs()
+    assert logs == pytest.approx({"lr/unet": 2e-4, "lr/unet plus": 32e-4})
+    assert read_metadata(tmp_path / "out" / "lora.safetensors")["ss_loraplus_lr_ratio"] == "16.0"

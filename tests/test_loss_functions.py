@@ -92,3 +92,34 @@ def test_immiscible_assignment_is_the_minimum_total_distance_and_k_equal_b_permu
     a = noise.sample_noise_and_timesteps(latents, SCHED, settings, torch.Generator().manual_seed(1))
     b = noise.sample_noise_and_timesteps(latents, SCHED, settings, torch.Generator().manual_seed(1))
     torch.testing.assert_close(a[0], b[0])  # seeded: reproducible
+
+
+def test_training_with_huber_of_huge_c_follows_l2_and_smooth_l1_differs(tmp_path):
+    from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
+
+    model, data = tiny_model_dir(), solid_dataset(tmp_path / "data", colours=((200, 40, 40), (40, 40, 200)))
+    common = ("--max_train_steps", "3", "--network_train_unet_only", "--learning_rate", "1e-2")
+    l2 = train(base_args(model, data, tmp_path / "l2", *common))
+    huge = train(base_args(model, data, tmp_path / "huber", *common, "--loss_type", "huber", "--huber_schedule",
+                           "constant", "--huber_c", "1e6"))
+    assert huge.step_losses == pytest.approx(l2.step_losses, rel=1e-4)  # the whole trajectory, not one loss
+    smooth = train(base_args(model, data, tmp_path / "smooth", *common, "--loss_type", "smooth_l1"))
+    assert smooth.step_losses[0] != pytest.approx(l2.step_losses[0], rel=1e-2)
+    from library.file_io import read_metadata
+
+    meta = read_metadata(tmp_path / "smooth" / "lora.safetensors")
+    assert meta["ss_loss_type"] == "smooth_l1" and meta["ss_huber_schedule"] == "snr" and meta["ss_huber_c"] == "0.1"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--loss_type", "huber", "--huber_c", "0"), "--huber_c 0.0: expected a positive number"),
+    (("--huber_schedule", "exponential", "--huber_c", "2"), "c must be in \\(0, 1\\]"),
+    (("--immiscible_noise", "0"), "--immiscible_noise 0: expected a number of candidate noises >= 1"),
+])
+def test_bad_options_are_refused_before_loading(tmp_path, extra, message):
+    from library import train_args
+    from tests.train_helpers import base_args, parse, solid_dataset, tiny_model_dir
+
+    args = parse(base_args(tiny_model_dir(), solid_dataset(tmp_path), tmp_path / "out", *extra))
+    with pytest.raises(ValueError, match=message):
+        train_args.validate_args(args)
