@@ -46,6 +46,10 @@ def feature_metadata(args: argparse.Namespace, network_args: dict[str, Any]) -> 
     meta.update(loss_functions.metadata(args))
     meta.update(ema.metadata(args))
     meta.update(immiscible.metadata(args))
+    if getattr(args, "validation_split", 0):
+        meta["ss_validation_split"] = str(args.validation_split)  # fewer images trained on
+        seed = args.validation_seed if args.validation_seed is not None else args.seed
+        meta["ss_validation_seed"] = str(seed)
     if getattr(args, "masked_loss", False):
         meta["ss_masked_loss"] = "True"
     if getattr(args, "ip_noise_gamma_random_strength", False):
