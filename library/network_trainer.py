@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from library import loss_functions, lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
-from library.train_features import TrainingFeatures
 from library.malloc_tuning import keep_freed_memory_for_reuse
+from library.train_features import TrainingFeatures
 from library.train_setup import (_allow_fp16_gradient_unscale, _place, create_network, load_components,  # noqa: F401
                                  merge_base_weights, optimizer_groups, parse_network_args, release_memory,
                                  set_attention, weight_dtypes)
@@ -288,7 +288,7 @@ class NetworkTrainer:
         elementwise = loss_functions.elementwise_loss(pred, target, timesteps, self.noise_scheduler,
                                                       loss_functions.LossSettings.from_args(args))
         masks = batch.get("alpha_masks")
-        if masks is not None:  # --alpha_mask: transparent pixels do not count (mask at latent resolution)
+        if masks is not None:  # --alpha_mask / --masked_loss: masked-out pixels do not count (latent resolution)
             masks = torch.nn.functional.interpolate(masks.to(elementwise).unsqueeze(1),
                                                     size=elementwise.shape[2:], mode="area")
             elementwise = elementwise * masks
@@ -398,7 +398,6 @@ class NetworkTrainer:
     def after_step(self, progress: train_state.Progress) -> None:
         args = self.args
         progress.global_step += 1
-        self.features.after_step(progress)  # EMA update, validation every n steps
         logs = {"loss/current": self.loss_window[-1],
                 "loss/average": sum(self.loss_window) / len(self.loss_window)}
         if args.scale_weight_norms:
@@ -406,6 +405,7 @@ class NetworkTrainer:
             scaled, mean_norm, max_norm = net.apply_max_norm_regularization(args.scale_weight_norms, self.device)
             logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm,
                          "max_norm/max_key_norm": max_norm})
+        self.features.after_step(progress)  # EMA update (of the final weights of the step), validation
         logs.update(self.lr_logs())
         self.bar.update(1)
         self.bar.set_postfix(epoch=progress.epoch + 1, loss=f"{logs['loss/average']:.4f}")
