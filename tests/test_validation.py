@@ -101,3 +101,17 @@ def test_bad_options_are_refused_before_loading(model, dataset, tmp_path, flag, 
 
     with pytest.raises(ValueError, match=message):
         train_args.validate_args(parse(base_args(model, dataset, tmp_path, flag, value)))
+
+
+def test_sdxl_validation_with_cached_text_encoder_outputs_and_no_vae(tmp_path):
+    """SDXL: size conditioning in the validation forward, held-out captions cached, the VAE dropped after caching."""
+    data = solid_dataset(tmp_path / "data", colours=COLOURS, caption=["a", "b", "c", "d"])
+    trainer = train(base_args(tiny_model_dir(arch="sdxl"), data, tmp_path / "out", "--max_train_steps", "2",
+                              "--network_train_unet_only", "--cache_text_encoder_outputs", "--validation_split", "0.5",
+                              "--validate_every_n_steps", "1"), sdxl=True)
+    records = trainer.features.validator.records
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
+    assert trainer.components.vae is None and trainer.features.validator.te_cache is not None
+    held = {i.caption for i in trainer.features.validator.group.images}
+    assert len(held) == 2 and not held & {i.caption for i in trainer.dataset.images}
+    assert trainer.features.validator.loss(trainer) == pytest.approx(records[-1]["loss"], rel=1e-6)
