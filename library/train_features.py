@@ -96,6 +96,8 @@ class TrainingFeatures:
         self.ema = ema.LoRAEMA.from_args(self.args, self._net())
         if self.ema is not None and self.args.resume:
             self.ema.load(self.args.resume)
+        if self.validator is not None and self.args.resume:
+            self.validator.load_records(self.args.output_dir, self.args.output_name, progress.global_step)
 
     def eval_weights(self) -> Any:
         """The weights samples and validation use: the EMA's when it is on."""

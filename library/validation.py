@@ -191,8 +191,10 @@ class Validator:
         saved_cache = trainer.te_cache
         timesteps = validation_timesteps(self.args, trainer.noise_scheduler.config.num_train_timesteps)
         total, count, image_index = 0.0, 0, 0
+        saved_train_te = trainer.train_te
         with torch.random.fork_rng(devices=[]):
             net.eval()
+            trainer.train_te = False  # the text encoders' forward records no graph either
             if self.te_cache is not None:
                 trainer.te_cache = self.te_cache
             try:
@@ -209,7 +211,7 @@ class Validator:
                         count += b
                     image_index += b
             finally:
-                trainer.te_cache = saved_cache
+                trainer.te_cache, trainer.train_te = saved_cache, saved_train_te
                 net.train(was_training)
         return total / max(count, 1)
 
@@ -221,6 +223,13 @@ class Validator:
             if r["step"] == step:
                 return r["loss"]
         return None
+
+    def load_records(self, output_dir: str, output_name: str, up_to_step: int) -> None:
+        """Resuming: keep the records the interrupted run wrote for steps up to `up_to_step`."""
+        path = records_path(output_dir, output_name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                self.records = [r for r in json.load(f).get("records", []) if r["step"] <= up_to_step]
 
     def write(self, output_dir: str, output_name: str) -> str:
         from library.file_io import atomic_path

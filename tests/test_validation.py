@@ -115,3 +115,15 @@ def test_sdxl_validation_with_cached_text_encoder_outputs_and_no_vae(tmp_path):
     held = {i.caption for i in trainer.features.validator.group.images}
     assert len(held) == 2 and not held & {i.caption for i in trainer.dataset.images}
     assert trainer.features.validator.loss(trainer) == pytest.approx(records[-1]["loss"], rel=1e-6)
+
+
+def test_resumed_run_keeps_the_earlier_records_and_gets_the_same_numbers(model, dataset, tmp_path):
+    common = ("--validation_split", "0.25", "--network_train_unet_only", "--validate_every_n_steps", "1")
+    straight = train(base_args(model, dataset, tmp_path / "a", "--max_train_steps", "4", *common))
+    train(base_args(model, dataset, tmp_path / "b", "--max_train_steps", "2", "--save_state", *common))
+    train(base_args(model, dataset, tmp_path / "b", "--max_train_steps", "4", "--resume",
+                    str(tmp_path / "b" / "lora-state"), *common))
+    written = json.loads((tmp_path / "b" / "lora.validation.json").read_text())["records"]
+    assert [r["step"] for r in written] == [1, 2, 3, 4]
+    expected = [r["loss"] for r in straight.features.validator.records]
+    assert [r["loss"] for r in written] == pytest.approx(expected, rel=1e-5)
