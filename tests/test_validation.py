@@ -62,9 +62,18 @@ def test_validation_subset_is_held_out_whole(model, tmp_path):
 
 def test_validation_loss_is_deterministic_and_leaves_the_training_stream_alone(model, dataset, tmp_path):
     common = ("--validation_split", "0.25", "--max_train_steps", "4", "--network_train_unet_only")
-    every = train(base_args(model, dataset, tmp_path / "a", *common, "--validate_every_n_steps", "1"))
+    every = train(base_args(model, dataset, tmp_path / "a", *common, "--validate_every_n_steps", "1",
+                            "--logging_dir", str(tmp_path / "logs")))
     records = every.features.validator.records
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((tmp_path / "logs").rglob("events.out.tfevents*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()  # next to the training loss, one point per validation
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("loss/validation")] == [
+        (r["step"], round(r["loss"], 5)) for r in records]
+    assert len(acc.Scalars("loss/current")) == 4
     end_only = train(base_args(model, dataset, tmp_path / "b", *common, "--validate_every_n_epochs", "100"))
     assert every.step_losses == end_only.step_losses  # validating every step changed nothing in training
     assert [r["step"] for r in end_only.features.validator.records] == [4]
