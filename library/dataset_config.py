@@ -107,7 +107,8 @@ SUBSET_ASCENDABLE: dict[str, Callable] = {
     "alpha_mask": _strict_bool,
 }
 # keys only a subset may hold
-SUBSET_ONLY: dict[str, Callable] = {"image_dir": _string, "is_reg": _strict_bool, "metadata_file": _string}
+SUBSET_ONLY: dict[str, Callable] = {"image_dir": _string, "is_reg": _strict_bool, "metadata_file": _string,
+                                    "conditioning_data_dir": _string, "validation": _strict_bool}
 # keys of a dataset (may also be in [general] or on the command line)
 DATASET_ASCENDABLE: dict[str, Callable] = {
     "resolution": _resolution,
@@ -133,9 +134,7 @@ DATASET_DEFAULTS: dict[str, Any] = {
     "resolution": None, "batch_size": 1, "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
     "bucket_reso_steps": 64, "bucket_no_upscale": False,
 }
-UNSUPPORTED_KEYS = {
-    "conditioning_data_dir": "ControlNet datasets are not supported by these training scripts",
-}
+UNSUPPORTED_KEYS: dict[str, str] = {}
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -169,6 +168,8 @@ class SubsetConfig:
     class_tokens: str | None = None
     cache_info: bool = False
     alpha_mask: bool = False
+    conditioning_data_dir: str | None = None  # mask images for --masked_loss (library.loss_masks)
+    validation: bool = False  # the whole subset is held out for the validation loss (library.validation)
 
     @property
     def is_finetuning(self) -> bool:
@@ -400,6 +401,7 @@ def _from_toml(path: str, args: argparse.Namespace) -> DataConfig:
                 raise ValueError(f"{path}: {swhere}: missing key 'image_dir' (the folder holding the images)")
             only = {k: sub.get(k) for k in SUBSET_ONLY}
             only["is_reg"] = bool(only["is_reg"])
+            only["validation"] = bool(only["validation"])
             subsets.append(_resolve(SubsetConfig, [sub, ds, general, cli], SUBSET_DEFAULTS, where=f"{path}: {swhere}",
                                     **only))
         config.datasets.append(_resolve(DatasetConfig, [ds, general, cli], DATASET_DEFAULTS,
@@ -409,6 +411,7 @@ def _from_toml(path: str, args: argparse.Namespace) -> DataConfig:
         for sub in ds.subsets:
             sub.image_dir = _locate(sub.image_dir, base)
             sub.metadata_file = _locate(sub.metadata_file, base)
+            sub.conditioning_data_dir = _locate(sub.conditioning_data_dir, base)
     return config
 
 
@@ -594,6 +597,11 @@ def load_dataset_config(args: argparse.Namespace) -> DataConfig:
     for ds in config.datasets:
         _validate_dataset(ds)
     _validate_caching(config, args)
+    from library.loss_masks import validate_masks
+    from library.validation import validate_split
+
+    validate_masks(config, args)
+    validate_split(config, args)
     return config
 
 

@@ -31,6 +31,7 @@ from library.buckets import BucketManager, Reso, cover_size, flipped_crop_top_le
 from library.captions import process_caption
 from library.dataset_config import DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, read_metadata_file
 from library.images import IMAGE_EXTENSIONS, SizeCache, list_images, read_image_sizes
+from library.loss_masks import uses_mask
 from library.training_images import color_augment, load_training_image, to_tensor
 from library.text_encoding import tokenize, tokenize_weighted
 
@@ -169,12 +170,14 @@ def _balance_regularization(train: list[ImageInfo], reg: list[ImageInfo]) -> lis
 class ImageDataset:
     """The images of one `[[datasets]]` table, bucketed."""
 
-    def __init__(self, config: DatasetConfig, sdxl: bool = False) -> None:
+    def __init__(self, config: DatasetConfig, sdxl: bool = False, holdout: Any = None, validation: bool = False) -> None:
         self.config = config
         self.sdxl = sdxl
         images: list[ImageInfo] = []
         for sub in config.subsets:
             images += _finetuning_images(sub) if sub.is_finetuning else _dreambooth_images(sub)
+        if holdout is not None:  # library.validation.HoldOut: the training part, or the held-out part
+            images = holdout.select(images, validation)
         train = [i for i in images if not i.is_reg]
         reg = [i for i in images if i.is_reg]
         if not train:
@@ -386,7 +389,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             orig.append(crop.original_size_hw)
             crops.append(top_left)
             targets.append((reso[1], reso[0]))
-            if info.subset.alpha_mask:
+            if uses_mask(info.subset):
                 alphas.append(alpha if alpha is not None else torch.ones(reso[1], reso[0]))
         captions = [process_caption(i.caption, i.subset.caption_options(), caption_rng, epoch, step,
                                     self.max_train_steps) for i in infos]
@@ -475,7 +478,10 @@ def build_dataset_group(args: argparse.Namespace, tokenizers: Sequence[Any] | No
         logger.info("no --seed: the data order uses seed %d", seed)
     max_token_length = getattr(args, "max_token_length", None)
     _check_bucket_steps(config, 32 if sdxl else 64)
-    group = DatasetGroup([ImageDataset(ds, sdxl) for ds in config.datasets], tokenizers, sdxl=sdxl, seed=seed,
+    from library.validation import HoldOut
+
+    holdout = HoldOut.from_args(args, config)
+    group = DatasetGroup([ImageDataset(ds, sdxl, holdout) for ds in config.datasets], tokenizers, sdxl=sdxl, seed=seed,
                          max_token_length=max_token_length,
                          weighted_captions=bool(getattr(args, "weighted_captions", False)),
                          prior_loss_weight=float(_arg(args, "prior_loss_weight", 1.0)),

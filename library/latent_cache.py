@@ -23,6 +23,7 @@ import torch
 from library.buckets import Crop, crop_offsets
 from library.dataset_config import check_cacheable
 from library.file_io import atomic_path
+from library.loss_masks import uses_mask
 
 if TYPE_CHECKING:
     from library.datasets import DatasetGroup, ImageInfo
@@ -93,7 +94,7 @@ def is_valid(path: str | os.PathLike, bucket_reso: tuple[int, int], flip_aug: bo
 
 def cache_is_valid(path: str, info: "ImageInfo", fingerprint: str | None = None) -> bool:
     """`is_valid` for a dataset image with its current bucket, crop and subset settings."""
-    return is_valid(path, info.bucket_reso, info.subset.flip_aug, expected_crop(info), info.subset.alpha_mask,
+    return is_valid(path, info.bucket_reso, info.subset.flip_aug, expected_crop(info), uses_mask(info.subset),
                     fingerprint)
 
 
@@ -168,7 +169,7 @@ def _cache_units(group: "DatasetGroup") -> list[tuple[str, bool, list]]:
     per_path = Counter(key[0] for key in units)
     out = []
     for (path, reso, _), members in units.items():
-        members.sort(key=lambda m: not m[1].subset.alpha_mask)  # the first member decides alpha loading
+        members.sort(key=lambda m: not uses_mask(m[1].subset))  # the first member decides alpha loading
         flip = any(info.subset.flip_aug for _, info in members)
         out.append((_cache_file(path, reso, per_path[path] > 1), flip, members))
     return out
@@ -190,7 +191,7 @@ def cache_group_latents(group: "DatasetGroup", vae: Any, vae_batch_size: int = 1
     todo, reused = [], 0
     for path, flip, members in _cache_units(group):
         info = members[0][1]
-        if to_disk and is_valid(path, info.bucket_reso, flip, expected_crop(info), info.subset.alpha_mask, fingerprint):
+        if to_disk and is_valid(path, info.bucket_reso, flip, expected_crop(info), uses_mask(info.subset), fingerprint):
             for _, m in members:
                 m.npz_path, m.latents = path, None
             reused += 1

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from library import lr_schedulers, noise, optimizers, preflight, train_args, train_metadata, train_state
+from library import loss_functions, lr_schedulers, noise, optimizers, preflight, train_args, train_metadata, train_state
 from library.malloc_tuning import keep_freed_memory_for_reuse
 from library.precision import Precision
 from library.run_plan import RunPlan
+from library.train_features import TrainingFeatures
 from library.train_setup import (_place, create_network, load_components,  # noqa: F401
                                  merge_base_weights, optimizer_groups, parse_network_args, release_memory,
                                  set_attention, weight_dtypes)
@@ -124,6 +125,7 @@ class NetworkTrainer:
         if args.base_weights:
             merge_base_weights(args, self.components)
         self._freeze_models()
+        self.features = TrainingFeatures(self)  # EMA, validation loss, quality report (library.train_features)
         self._cache_inputs()
         if args.seed is not None:  # the network's init and the training stream must not depend on what was cached
             from accelerate.utils import set_seed
@@ -162,6 +164,7 @@ class NetworkTrainer:
 
             self.te_cache = TextEncoderOutputCache.build(self.dataset, c, args, self.device,
                                                          to_disk=getattr(args, "cache_text_encoder_outputs_to_disk", False))
+        self.features.cache_inputs()  # the held-out validation images, while the models are loaded
         sampling = bool(args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs
                                                   or args.sample_at_first))
         if getattr(args, "cache_latents", False) and not sampling:
@@ -268,10 +271,15 @@ class NetworkTrainer:
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         args = self.args
         latents = self.latents(batch)
-        hidden, pooled = self.conditioning(batch)
         noise_t, noisy, timesteps = noise.sample_noise_and_timesteps(
             latents, self.noise_scheduler, noise.NoiseSettings.from_args(args), self.noise_generator)
-        timesteps = timesteps.to(self.device)
+        return self.prediction_loss(batch, latents, noise_t, noisy, timesteps.to(self.device))
+
+    def prediction_loss(self, batch: dict[str, Any], latents: torch.Tensor, noise_t: torch.Tensor,
+                        noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The weighted loss of the U-Net's prediction for these noisy latents (training and validation)."""
+        args = self.args
+        hidden, pooled = self.conditioning(batch)
         kwargs = {}
         if self.sdxl:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.model_dtype),
@@ -280,9 +288,10 @@ class NetworkTrainer:
             pred = self.components.unet(noisy.to(self.model_dtype), timesteps, hidden.to(self.model_dtype),
                                         **kwargs).sample
         target = noise.training_target(latents, noise_t, timesteps, self.noise_scheduler, self.v_param)
-        elementwise = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+        elementwise = loss_functions.elementwise_loss(pred, target, timesteps, self.noise_scheduler,
+                                                      loss_functions.LossSettings.from_args(args))
         masks = batch.get("alpha_masks")
-        if masks is not None:  # --alpha_mask: transparent pixels do not count (mask at latent resolution)
+        if masks is not None:  # --alpha_mask / --masked_loss: masked-out pixels do not count (latent resolution)
             masks = torch.nn.functional.interpolate(masks.to(elementwise).unsqueeze(1),
                                                     size=elementwise.shape[2:], mode="area")
             elementwise = elementwise * masks
@@ -304,6 +313,7 @@ class NetworkTrainer:
             logger.info("resumed from %s at epoch %d, step %d", args.resume, progress.epoch + 1, progress.global_step)
         self.progress = progress
         self.namer = namer
+        self.features.start(progress)
         self.metadata = self._metadata()
         if self.accelerator.is_main_process:
             preflight.warn_if_disk_short(args, self.accelerator.unwrap_model(self.network), self.plan)
@@ -332,6 +342,7 @@ class NetworkTrainer:
         path = self.save(namer.final(), progress)
         if args.save_state or args.save_state_on_train_end:
             self.save_state(namer.state_final(), progress)
+        self.features.finish(progress)
         self.accelerator.end_training()
         return path
 
@@ -402,6 +413,7 @@ class NetworkTrainer:
             scaled, mean_norm, max_norm = net.apply_max_norm_regularization(args.scale_weight_norms, self.device)
             logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm,
                          "max_norm/max_key_norm": max_norm})
+        self.features.after_step(progress)  # EMA update (of the final weights of the step), validation
         logs.update(self.lr_logs())
         self.bar.update(1)
         self.bar.set_postfix(epoch=progress.epoch + 1, loss=f"{logs['loss/average']:.4f}")
@@ -421,6 +433,7 @@ class NetworkTrainer:
 
     def after_epoch(self, epoch: int, progress: train_state.Progress) -> None:
         args, every = self.args, self.plan.save_every_n_epochs
+        self.features.after_epoch(epoch, progress)
         if every and epoch % every == 0 and epoch < self.plan.num_epochs:
             self.save(self.namer.epoch(epoch), progress)
             if args.save_state:
@@ -455,7 +468,8 @@ class NetworkTrainer:
         self._refuse_nonfinite(self.accelerator.unwrap_model(self.network).state_dict().values(), dtype, path,
                                progress)
         if self.accelerator.is_main_process:
-            path = save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta)
+            path = self.features.save_network(lambda p: save_network(self.accelerator.unwrap_model(self.network), p,
+                                                                     dtype, meta), path, progress)
             logger.info("saved %s", path)
         self.last_save = path
         return path
@@ -467,6 +481,7 @@ class NetworkTrainer:
             folder = train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
                                             optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
                                             noise_generator=self.noise_generator, scaler=self.precision.scaler)
+            self.features.save_state(folder)
             logger.info("saved training state %s", folder)
 
     def _refuse_nonfinite(self, tensors: Any, dtype: torch.dtype | None, path: str,
@@ -510,10 +525,11 @@ class NetworkTrainer:
 
         autocast = self.model_dtype if self.model_dtype != torch.float32 else None
         # passing the (already applied) network puts it in eval mode while sampling: no dropout in samples
-        paths = sample_images(self.components, args.sample_prompts, args.output_dir, step, epoch,
-                              args.sample_sampler, output_name=args.output_name, device=self.device,
-                              clip_skip=args.clip_skip, autocast_dtype=autocast,
-                              networks=[self.accelerator.unwrap_model(self.network)])
+        with self.features.eval_weights():  # the EMA weights when --ema_decay
+            paths = sample_images(self.components, args.sample_prompts, args.output_dir, step, epoch,
+                                  args.sample_sampler, output_name=args.output_name, device=self.device,
+                                  clip_skip=args.clip_skip, autocast_dtype=autocast,
+                                  networks=[self.accelerator.unwrap_model(self.network)])
         self.samples.extend(paths)
 
 

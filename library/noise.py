@@ -20,6 +20,8 @@ class NoiseSettings:
     multires_noise_iterations: int | None = None
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    immiscible_noise: int | None = None
     min_timestep: int | None = None
     max_timestep: int | None = None
 
@@ -80,6 +82,10 @@ def sample_noise_and_timesteps(latents: torch.Tensor, noise_scheduler: Any, sett
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noise, noisy_latents, timesteps) for one batch, with every configured noise option."""
     noise = torch.randn(latents.shape, generator=generator).to(latents)
+    if settings.immiscible_noise:  # library.immiscible: noise assigned to the nearest latents
+        from library.immiscible import assign_noise
+
+        noise = assign_noise(latents, noise, settings.immiscible_noise, generator)
     if settings.noise_offset:
         offset = settings.noise_offset
         if settings.noise_offset_random_strength:
@@ -93,7 +99,10 @@ def sample_noise_and_timesteps(latents: torch.Tensor, noise_scheduler: Any, sett
     timesteps = torch.randint(lo, hi, (latents.shape[0],), generator=generator).long()
     noised_input = noise
     if settings.ip_noise_gamma:
-        noised_input = noise + settings.ip_noise_gamma * torch.randn(latents.shape, generator=generator).to(latents)
+        gamma = settings.ip_noise_gamma
+        if settings.ip_noise_gamma_random_strength:
+            gamma = float(torch.rand((), generator=generator)) * gamma
+        noised_input = noise + gamma * torch.randn(latents.shape, generator=generator).to(latents)
     noisy = noise_scheduler.add_noise(latents, noised_input, timesteps.to(latents.device))
     return noise, noisy, timesteps
 

@@ -96,6 +96,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--multires_noise_iterations", type=int, default=None, help="multires (pyramid) noise iterations, 6-10")
     _add(g, "--multires_noise_discount", type=float, default=0.3, help="multires noise discount (default 0.3)")
     _add(g, "--ip_noise_gamma", type=float, default=None, help="input perturbation noise strength (e.g. 0.1)")
+    _add(g, "--ip_noise_gamma_random_strength", action="store_true",
+         help="draw the input perturbation strength in [0, ip_noise_gamma] per step")
     _add(g, "--min_snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (paper: 5)")
     _add(g, "--scale_v_pred_loss_like_noise_pred", action="store_true",
          help="scale the v-prediction loss like the noise-prediction loss")
@@ -208,6 +210,9 @@ def add_all_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_huggingface_arguments(parser)
     add_te_cache_arguments(parser)
+    from library.train_features import add_feature_arguments
+
+    add_feature_arguments(parser)
 
 
 # ---------------------------------------------------------------- config files
@@ -352,7 +357,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
           "--base_weights_multiplier: more multipliers than --base_weights files")
     from library.network_trainer import parse_network_args
 
-    parse_network_args(args.network_args)
+    from networks.loraplus import parse_ratios
+
+    parse_ratios(parse_network_args(args.network_args))  # LoRA+ ratios: positive numbers
     problem = attention_problem(args)
     if problem:
         raise ValueError(problem)
@@ -362,6 +369,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
         _need(Path(args.sample_prompts).suffix.lower() in (".txt", ".toml", ".json"),
               f"--sample_prompts {args.sample_prompts}: expected a .txt, .toml or .json file")
     validate_te_cache_args(args)
+    from library.train_features import validate_feature_args
+
+    validate_feature_args(args)
     if sdxl:
         _need(not args.weighted_captions, "--weighted_captions is not supported for SDXL (as in sd-scripts)")
 

@@ -145,6 +145,9 @@ def training_metadata(args: argparse.Namespace, *, arch: str, v_parameterization
         "ss_resolution": _resolution_text(getattr(args, "resolution", None)),
     }
     meta.update(dataset_metadata(dataset))
+    from library.train_features import feature_metadata
+
+    meta.update(feature_metadata(args, network_args))
     out = {k: str(v) for k, v in meta.items() if v is not None}
     out.update(model_spec(arch, v_parameterization, args.output_name or "", out.get("ss_resolution")))
     return out

@@ -69,6 +69,10 @@ def create_network(args: argparse.Namespace, components: Any) -> tuple[Any, Any,
                                         components.unet, **net_kwargs)
     if network is None:
         raise ValueError(f"--network_module {args.network_module}: create_network returned nothing")
+    from networks.loraplus import parse_ratios
+
+    if parse_ratios(net_kwargs).enabled and not hasattr(network, "set_loraplus_lr_ratio"):
+        raise ValueError(f"--network_args loraplus_*: --network_module {args.network_module} does not support LoRA+")
     train_unet = not args.network_train_text_encoder_only
     train_te = not args.network_train_unet_only
     network.apply_to(te, components.unet, train_te, train_unet)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from library.buckets import Crop, Reso, resize_and_crop
-from library.images import load_image, load_image_with_alpha
+from library.images import load_image
 
 
 def color_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -73,9 +73,12 @@ def load_training_image(info: Any, use_bucket_crop: bool, rng: np.random.Generat
                         random_crop: bool | None = None) -> LoadedImage:
     """Read the image of `info` (a datasets.ImageInfo) as its bucket-sized array (face crop when configured and
     not bucketing); `random_crop` overrides the subset's setting (latent caching crops in the centre)."""
+    from library.loss_masks import load_image_and_mask, uses_mask
+
     sub = info.subset
-    if sub.alpha_mask:
-        image, alpha = load_image_with_alpha(info.path)
+    masked = uses_mask(sub)  # alpha channel or --masked_loss mask image: carried as the alpha channel
+    if masked:
+        image, alpha = load_image_and_mask(info)
         if alpha is None:
             alpha = np.ones(image.shape[:2], dtype=np.float32)
         image = np.dstack([image, (alpha * 255 + 0.5).astype(np.uint8)])
@@ -90,7 +93,7 @@ def load_training_image(info: Any, use_bucket_crop: bool, rng: np.random.Generat
     else:
         image, crop = resize_and_crop(image, info.bucket_reso, info.resized_size, random_crop, rng)
     alpha = None
-    if sub.alpha_mask:
+    if masked:
         alpha = image[..., 3].astype(np.float32) / 255.0
         image = np.ascontiguousarray(image[..., :3])
     return LoadedImage(image, crop, alpha)

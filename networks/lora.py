@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from library.file_io import load_state_dict
-from networks import lora_blocks
+from networks import lora_blocks, loraplus
 from networks.lora_fused import can_fuse, fused_lora_linear
 from networks.lora_files import conform_shapes, normalize_weights, safetensors_hashes, save_lora_file  # noqa: F401
 from networks.lora_names import LoRANameResolver, LoRATarget, is_sdxl_unet, lora_targets, split_key
@@ -208,6 +208,7 @@ class LoRANetwork(torch.nn.Module):
         self.is_sdxl = unet is not None and is_sdxl_unet(unet)
         self.block_lr_weights: list[float] | None = None
         self.lr_descriptions: list[str] = []
+        self.loraplus = loraplus.LoRAPlusRatios()
 
         def dim_alpha(target: LoRATarget) -> tuple[int | None, Any]:
             linear = target.kind != "conv3x3"
@@ -318,6 +319,13 @@ class LoRANetwork(torch.nn.Module):
         save_lora_file(self.state_dict(), file, dtype, metadata)
 
     # ---- training hooks as the kohya trainer calls them ----
+    def set_loraplus_lr_ratio(self, loraplus_lr_ratio=None, loraplus_unet_lr_ratio=None,
+                              loraplus_text_encoder_lr_ratio=None) -> None:
+        """LoRA+: the lora_up weights get these multiples of their group's learning rate (networks.loraplus)."""
+        self.loraplus = loraplus.parse_ratios(loraplus_lr_ratio=loraplus_lr_ratio,
+                                              loraplus_unet_lr_ratio=loraplus_unet_lr_ratio,
+                                              loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio)
+
     def set_block_lr_weight(self, block_lr_weights: list[float] | None) -> None:
         """Per-block learning-rate weights (length 25 for SD1/SD2, 23 for SDXL) or None."""
         self.block_lr_weights = block_lr_weights
@@ -340,14 +348,11 @@ class LoRANetwork(torch.nn.Module):
         self.lr_descriptions = []
 
         def add(loras: list[LoRAModule], lr: float | None, description: str) -> None:
-            params = [p for lora in loras for p in lora.parameters()]
-            if not params:
-                return
-            group: dict = {"params": params}
-            if lr is not None:
-                group["lr"] = lr
-            groups.append(group)
-            self.lr_descriptions.append(description)
+            named = [(n, p) for lora in loras for n, p in lora.named_parameters()]
+            ratio = self.loraplus.text_encoder if description.startswith("textencoder") else self.loraplus.unet
+            for group, desc in loraplus.param_groups(named, lr, ratio, default_lr, description):  # LoRA+ splits
+                groups.append(group)
+                self.lr_descriptions.append(desc)
 
         te_lrs = text_encoder_lr if isinstance(text_encoder_lr, (list, tuple)) else None
         if te_lrs:
@@ -431,6 +436,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
                           block_alphas=args.block_alphas, conv_block_dims=args.conv_block_dims,
                           conv_block_alphas=args.conv_block_alphas, varbose=args.verbose)
     network.set_block_lr_weight(args.block_lr_weights)
+    network.set_loraplus_lr_ratio(**{k: kwargs.get(k) for k in loraplus.KEYS})
     return network
 
 
@@ -474,5 +480,6 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     if any(k in kwargs for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
         lr_args = lora_blocks.parse_network_args(kwargs, None, None, resolver.sdxl)
         network.set_block_lr_weight(lr_args.block_lr_weights)
+    network.set_loraplus_lr_ratio(**{k: kwargs.get(k) for k in loraplus.KEYS})
     return network, sd
 

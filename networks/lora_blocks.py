@@ -21,7 +21,7 @@ PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
 KNOWN_ARGS = {
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "down_lr_weight", "mid_lr_weight",
     "up_lr_weight", "block_lr_zero_threshold", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
-    "verbose",
+    "verbose", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
 }
 
 

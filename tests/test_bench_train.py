@@ -34,3 +34,16 @@ def test_bench_rejects_bad_options():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--resolution", "500"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--resolution 500: must be a multiple of 64" in proc.stderr
+
+
+def test_bench_features_uses_sd15_lora_shapes_and_prints_every_feature(tmp_path):
+    out = tmp_path / "f.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_features.py"), "--repeat", "1", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["ms_per_step"]
+    assert results["_lora_parameters"] == 2_359_296  # SD 1.5, dim 4, text encoder + U-Net (as a saved file holds)
+    for name in ("loss_type huber (vs l2)", "masked loss", "ema update", "immiscible_noise 4",
+                 "loraplus (optimizer step, 2 groups vs 1)"):
+        assert name in results and name in proc.stdout

@@ -79,7 +79,7 @@ batch_size = 3
     ("[[datasets.subsets]]\nimage_dir = '{empty}'", r"subsets\[0\]: image_dir .*: no images \(.png .jpg"),
     ("[[datasets.subsets]]\nimage_dir = '{a}'\nnum_repeats = 0", r"num_repeats 0: must be at least 1"),
     ("[[datasets.subsets]]\nimage_dir = '{a}'\ncaption_dropout_rate = 1.5", r"caption_dropout_rate 1.5: must be between 0 and 1"),
-    ("[[datasets.subsets]]\nimage_dir = '{a}'\nconditioning_data_dir = '{a}'", r"'conditioning_data_dir' is not supported"),
+    ("[[datasets.subsets]]\nimage_dir = '{a}'\nconditioning_data_dir = '{a}'", r"conditioning_data_dir needs --masked_loss"),
     ("batch_size = 0\n[[datasets.subsets]]\nimage_dir = '{a}'", r"datasets\[0\]: batch_size 0: must be at least 1"),
     ("resolution = [512]\n[[datasets.subsets]]\nimage_dir = '{a}'", r"datasets\[0\]\.resolution: expected a positive size"),
     ("enable_bucket = true\nmax_bucket_reso = 256\n[[datasets.subsets]]\nimage_dir = '{a}'",

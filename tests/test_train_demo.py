@@ -22,7 +22,8 @@ def test_demo_config_trains_and_prints_where_outputs_are(tmp_path, capsys, monke
     printed = capsys.readouterr().out
     assert f"LoRA saved: {out / 'tiny_lora.safetensors'}" in printed
     assert f"sample images: {out / 'sample'}" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["sample", "tiny_lora-state", "tiny_lora.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["sample", "tiny_lora-state", "tiny_lora.report.json",
+                                                     "tiny_lora.report.png", "tiny_lora.safetensors"]
     assert len(os.listdir(out / "sample")) == 4  # 2 prompts x 2 epochs
     meta = read_metadata(out / "tiny_lora.safetensors")
     assert meta["ss_steps"] == "32" and meta["ss_network_dim"] == "8" and meta["ss_lr_scheduler"] == "cosine"
