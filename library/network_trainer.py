@@ -213,6 +213,14 @@ class NetworkTrainer:
         self.network, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.network, result.optimizer,
                                                                                    scheduler)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.fused_backward = None
+        if getattr(args, "fused_backward_pass", False):  # updates inside backward (library.fused_backward)
+            from library.fused_backward import FusedBackward
+
+            if self.accelerator.num_processes > 1:
+                raise ValueError("--fused_backward_pass works with one process only (gradients are averaged "
+                                 "across processes after the per-tensor updates would have run)")
+            self.fused_backward = FusedBackward(self.optimizer)
 
     # ------------------------------------------------------------------ data
     def batches(self, epoch: int, skip: int):
@@ -372,11 +380,14 @@ class NetworkTrainer:
                 raise TrainingStopped(f"loss is {loss.item()} at step {progress.global_step + 1} (epoch "
                                       f"{progress.epoch + 1}); stopped without saving. Last good save: "
                                       f"{self.last_save or 'none'}")
+            if self.fused_backward is not None:
+                self.fused_backward.sync = sync  # the optimizer steps inside backward on the group's last batch
             self.accelerator.backward(loss)  # divides by gradient_accumulation_steps
         if sync:
             if args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
-            self.optimizer.step()
+            if self.fused_backward is None:
+                self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.loss_window.append(loss.item())

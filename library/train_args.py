@@ -208,6 +208,9 @@ def add_all_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_huggingface_arguments(parser)
     add_te_cache_arguments(parser)
+    from library.performance_args import add_performance_arguments
+
+    add_performance_arguments(parser)
 
 
 # ---------------------------------------------------------------- config files
@@ -362,6 +365,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
         _need(Path(args.sample_prompts).suffix.lower() in (".txt", ".toml", ".json"),
               f"--sample_prompts {args.sample_prompts}: expected a .txt, .toml or .json file")
     validate_te_cache_args(args)
+    from library.performance_args import validate_performance_args
+
+    validate_performance_args(args, sdxl, optimizer_name(args))
     if sdxl:
         _need(not args.weighted_captions, "--weighted_captions is not supported for SDXL (as in sd-scripts)")
 
