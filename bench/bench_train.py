@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", action="store_true",
                    help="then, in the lora process, --steps pairs of a LoRA step and a floor step on the same models "
                         "(the ratio without the machine's drift between processes)")
+    p.add_argument("--trainer_args", default="",
+                   help="more trainer flags, one string: --trainer_args='--torch_compile --fused_backward_pass "
+                        "--max_grad_norm 0' (the compile happens in the --warmup steps)")
     p.add_argument("--json", default=None, help="write the results here (default bench/results/<config>.json)")
     p.add_argument("--worker", default=None, choices=["lora", "floor"], help=argparse.SUPPRESS)
     return p
@@ -138,6 +142,7 @@ def trainer_args(opts: argparse.Namespace, toml: str, out: Path) -> argparse.Nam
              "--gradient_checkpointing": opts.gradient_checkpointing, "--network_train_unet_only": opts.unet_only,
              "--cache_text_encoder_outputs": opts.cache_text_encoder_outputs}
     argv += [flag for flag, on in flags.items() if on]
+    argv += shlex.split(opts.trainer_args)
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
     train_args.add_all_training_arguments(parser)
@@ -322,6 +327,7 @@ def config_name(opts: argparse.Namespace) -> str:
     parts += [name for name, on in (("fullbf16", opts.full_bf16), ("fullfp16", opts.full_fp16),
                                     ("gc", opts.gradient_checkpointing), ("nocache", opts.no_cache_latents),
                                     ("teCache", opts.cache_text_encoder_outputs), ("unet", opts.unet_only)) if on]
+    parts += [flag.strip("-") for flag in shlex.split(opts.trainer_args)]
     return "_".join(parts)
 
 

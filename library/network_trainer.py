@@ -91,6 +91,9 @@ class NetworkTrainer:
                                        log_with=None if log_with is None else ("all" if log_with == "all" else log_with),
                                        project_dir=log_dir)
         self.device = self.accelerator.device
+        from library.performance_args import check_device_options
+
+        check_device_options(args, self.device)  # fp8, compile backend: before any model loads
         if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
             keep_freed_memory_for_reuse()
         if args.seed is not None:
@@ -126,6 +129,10 @@ class NetworkTrainer:
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         _place(self.network, self.device, self.network_dtype)
+        if getattr(args, "torch_compile", False):  # after the LoRA hooks: they are traced with the blocks
+            from library.compile import compile_unet
+
+            compile_unet(self.components.unet, args.dynamo_backend)
         self._build_optimizer()
 
     def _freeze_models(self) -> None:
@@ -137,6 +144,10 @@ class NetworkTrainer:
         for te in c.text_encoders:
             _place(te, self.device, self.model_dtype)
         set_attention(c.unet, self.args)
+        if getattr(self.args, "fp8_base", False) or getattr(self.args, "fp8_base_unet", False):
+            from library.fp8 import apply_fp8_base
+
+            apply_fp8_base(c, unet_only=not self.args.fp8_base)
 
     def _cache_inputs(self) -> None:
         """Cache latents (and SDXL text-encoder outputs) then drop the models nothing needs any more."""

@@ -37,3 +37,18 @@ def validate_performance_args(args: argparse.Namespace, sdxl: bool, optimizer_na
     if swap is not None:
         _need(sdxl, "--blocks_to_swap is for SDXL (sdxl_train_network.py); SD 1.x / 2.x U-Nets fit without it")
         _need(swap >= 1, f"--blocks_to_swap {swap}: must be >= 1")
+
+
+def check_device_options(args: argparse.Namespace, device) -> None:
+    """The checks that need the training device (known once accelerate has picked it), before models load."""
+    problem = None
+    if getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False):
+        from library.fp8 import fp8_problem
+
+        problem = fp8_problem(device)
+    if problem is None and getattr(args, "torch_compile", False):
+        from library.compile import compile_problem
+
+        problem = compile_problem(args.dynamo_backend, device)
+    if problem:
+        raise ValueError(problem)
