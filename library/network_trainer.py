@@ -129,6 +129,10 @@ class NetworkTrainer:
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         _place(self.network, self.device, self.network_dtype)
+        if getattr(args, "blocks_to_swap", None):  # frozen weights of the last blocks to CPU memory
+            from library.block_swap import apply_block_swap
+
+            self.block_swap = apply_block_swap(self.components.unet, args.blocks_to_swap, self.device)
         if getattr(args, "torch_compile", False):  # after the LoRA hooks: they are traced with the blocks
             from library.compile import compile_unet
 

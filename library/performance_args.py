@@ -35,8 +35,14 @@ def validate_performance_args(args: argparse.Namespace, sdxl: bool, optimizer_na
         raise ValueError(problem)
     swap = getattr(args, "blocks_to_swap", None)
     if swap is not None:
+        from library.block_swap import SDXL_BLOCKS, check_blocks_to_swap
+
         _need(sdxl, "--blocks_to_swap is for SDXL (sdxl_train_network.py); SD 1.x / 2.x U-Nets fit without it")
-        _need(swap >= 1, f"--blocks_to_swap {swap}: must be >= 1")
+        check_blocks_to_swap(swap, SDXL_BLOCKS)
+        _need(args.gradient_checkpointing, "--blocks_to_swap needs --gradient_checkpointing (without it autograd "
+              "keeps every swapped layer's weights on the GPU until backward)")
+        _need(not getattr(args, "torch_compile", False), "--blocks_to_swap cannot be combined with --torch_compile "
+              "(the swap hooks change weights between compiled calls)")
 
 
 def check_device_options(args: argparse.Namespace, device) -> None:
