@@ -29,7 +29,7 @@ def compile_problem(backend: str, device: torch.device) -> str | None:
                                                                  or shutil.which("clang")):
         return ("--torch_compile with --dynamo_backend inductor needs a C compiler on CPU (gcc, clang); "
                 "install one or use --dynamo_backend aot_eager")
-    if backend in ("cudagraphs", "aot_ts_nvfuser", "nvprims_nvfuser", "fx2trt", "tensorrt") and device.type != "cuda":
+    if backend in ("cudagraphs", "aot_ts_nvfuser", "nvprims_nvfuser", "fx2trt", "tensorrt", "tensort") and device.type != "cuda":
         return f"--dynamo_backend {backend} needs a CUDA GPU; use inductor (the default) on {device.type}"
     return None
 
@@ -38,6 +38,7 @@ def compile_unet(unet: torch.nn.Module, backend: str) -> int:
     """Compile the U-Net's transformer and ResNet blocks in place with `backend`; returns how many blocks."""
     import torch._dynamo
 
+    backend = {"tensort": "tensorrt"}.get(backend, backend)  # sd-scripts' spelling
     # One forward function serves every block of a class; each distinct shape is its own compiled variant
     # (static shapes: the fastest kernels). An SDXL U-Net has a few dozen; the default limit (8) would leave
     # the rest running uncompiled.

@@ -9,7 +9,8 @@ import argparse
 from library.train_args import _add, _need
 
 DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
-                   "fx2trt", "onnxrt", "tensorrt", "ipex", "tvm")  # accelerate's DynamoBackend names (lower case)
+                   "fx2trt", "onnxrt", "tensorrt", "tensort", "ipex", "tvm")  # accelerate's names; sd-scripts spells
+# tensorrt "tensort": both are accepted (library.compile maps it)
 
 
 def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
