@@ -325,8 +325,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return summary
 
 
-def compare_tools(size: str, work: Path, ours_python: str, reference: tuple[Path, Path, dict[str, str]] | None
-                  ) -> dict[str, dict]:
+def compare_tools(size: str, work: Path, ours_python: str, reference: tuple[Path, Path, dict[str, str]] | None,
+                  only: list[str] | None = None) -> dict[str, dict]:
     """bench_lora_tools' cases with both programs' scripts (SD1.5 layout), in the order theirs, ours."""
     tools_dir = work / "tools"
     subprocess.run([ours_python, str(ROOT / "bench" / "bench_lora_tools.py"), "--prepare_only", "--size", size,
@@ -336,7 +336,7 @@ def compare_tools(size: str, work: Path, ours_python: str, reference: tuple[Path
 
     results: dict[str, dict] = {}
     for case, argv in cases(tools_dir).items():
-        if case.endswith("_cold"):
+        if case.endswith("_cold") or (only and case not in only):
             continue
         results[case] = {}
         sides = [("ours", ours_python, ROOT, {"PYTHONPATH": str(ROOT)})]
@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_reference", action="store_true", help="run only our program (plumbing checks)")
     p.add_argument("--no_training", action="store_true", help="skip the trainers (with --tools: tools only)")
     p.add_argument("--tools", action="store_true", help="also compare the LoRA tools (merge, svd merge, extract, resize)")
+    p.add_argument("--tool_cases", default=None,
+                   help="comma list of bench_lora_tools cases for --tools (default all): merge_into_model, "
+                        "merge_two_loras, svd_merge_rank4, extract_dim4, resize_rank2")
     p.add_argument("--json", default=None, help="write the results here")
     return p
 
@@ -426,7 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
                                       reference_dir(args.reference_dir, args.reference_commit))
     training = {} if args.no_training else compare_training(settings, args.size, args.steps, work, sys.executable,
                                                             reference, args.resolution)
-    tools = compare_tools(args.size, work, sys.executable, reference) if args.tools else {}
+    tools = compare_tools(args.size, work, sys.executable, reference,
+                          args.tool_cases.split(",") if args.tool_cases else None) if args.tools else {}
     print(format_table(training, tools))
     report = {"reference_commit": args.reference_commit if reference else None, "size": args.size,
               "steps": args.steps, "resolution": args.resolution, "training": training, "tools": tools,
