@@ -8,7 +8,7 @@ device, so no model weights are allocated): the loss types against L2 (forward a
 loss), the loss mask (resize to latent size and multiply), the EMA update of every LoRA weight, the immiscible
 noise assignment, and LoRA+ (the optimizer step with the plain and plus groups against one group). The shares
 are of `--step_seconds` (the LoRA step measured by bench/bench_train.py on the same machine; docs/benchmarks.md).
-End-to-end on/off runs: `bench/bench_train.py --train_args "..."`. See docs/benchmarks.md.
+End-to-end on/off runs: `bench/bench_train.py --trainer_args "..."`. See docs/benchmarks.md.
 """
 from __future__ import annotations
 

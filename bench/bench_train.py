@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
 import resource
 import shlex
@@ -53,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", action="store_true",
                    help="then, in the lora process, --steps pairs of a LoRA step and a floor step on the same models "
                         "(the ratio without the machine's drift between processes)")
-    p.add_argument("--train_args", default="",
-                   help="extra trainer options measured in the lora step, e.g. \"--loss_type huber --ema_decay 0.999 "
-                        "--network_args loraplus_lr_ratio=16\" (a feature's cost: the same run with and without)")
+    p.add_argument("--trainer_args", default="",
+                   help="more trainer flags, one string: --trainer_args='--torch_compile --fused_backward_pass "
+                        "--max_grad_norm 0' (the compile happens in the --warmup steps); a feature's cost is the "
+                        "same run with and without it")
     p.add_argument("--json", default=None, help="write the results here (default bench/results/<config>.json)")
     p.add_argument("--worker", default=None, choices=["lora", "floor"], help=argparse.SUPPRESS)
     return p
@@ -143,7 +143,7 @@ def trainer_args(opts: argparse.Namespace, toml: str, out: Path) -> argparse.Nam
              "--gradient_checkpointing": opts.gradient_checkpointing, "--network_train_unet_only": opts.unet_only,
              "--cache_text_encoder_outputs": opts.cache_text_encoder_outputs}
     argv += [flag for flag, on in flags.items() if on]
-    argv += shlex.split(opts.train_args)
+    argv += shlex.split(opts.trainer_args)
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
     train_args.add_all_training_arguments(parser)
@@ -329,8 +329,7 @@ def config_name(opts: argparse.Namespace) -> str:
     parts += [name for name, on in (("fullbf16", opts.full_bf16), ("fullfp16", opts.full_fp16),
                                     ("gc", opts.gradient_checkpointing), ("nocache", opts.no_cache_latents),
                                     ("teCache", opts.cache_text_encoder_outputs), ("unet", opts.unet_only)) if on]
-    if opts.train_args:
-        parts.append(re.sub(r"[^A-Za-z0-9]+", "-", opts.train_args.replace("--", "")).strip("-"))
+    parts += [flag.strip("-") for flag in shlex.split(opts.trainer_args)]
     return "_".join(parts)
 
 

@@ -100,6 +100,9 @@ class NetworkTrainer:
                                        project_dir=log_dir)
         self.device = self.accelerator.device
         self.precision = Precision(args.mixed_precision, self.device, args.full_fp16)
+        from library.performance_args import check_device_options
+
+        check_device_options(args, self.device)  # fp8, compile backend: before any model loads
         if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
             keep_freed_memory_for_reuse()
         if args.seed is not None:
@@ -135,6 +138,14 @@ class NetworkTrainer:
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         _place(self.network, self.device, self.network_dtype)
+        if getattr(args, "blocks_to_swap", None):  # frozen weights of the last blocks to CPU memory
+            from library.block_swap import apply_block_swap
+
+            self.block_swap = apply_block_swap(self.components.unet, args.blocks_to_swap, self.device)
+        if getattr(args, "torch_compile", False):  # after the LoRA hooks: they are traced with the blocks
+            from library.compile import compile_unet
+
+            compile_unet(self.components.unet, args.dynamo_backend)
         self._build_optimizer()
 
     def _freeze_models(self) -> None:
@@ -146,6 +157,10 @@ class NetworkTrainer:
         for te in c.text_encoders:
             _place(te, self.device, self.model_dtype)
         set_attention(c.unet, self.args)
+        if getattr(self.args, "fp8_base", False) or getattr(self.args, "fp8_base_unet", False):
+            from library.fp8 import apply_fp8_base
+
+            apply_fp8_base(c, unet_only=not self.args.fp8_base)
 
     def _cache_inputs(self) -> None:
         """Cache latents (and SDXL text-encoder outputs) then drop the models nothing needs any more."""
@@ -218,6 +233,14 @@ class NetworkTrainer:
         self.network, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.network, result.optimizer,
                                                                                    scheduler)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.fused_backward = None
+        if getattr(args, "fused_backward_pass", False):  # updates inside backward (library.fused_backward)
+            from library.fused_backward import FusedBackward
+
+            if self.accelerator.num_processes > 1:
+                raise ValueError("--fused_backward_pass works with one process only (gradients are averaged "
+                                 "across processes after the per-tensor updates would have run)")
+            self.fused_backward = FusedBackward(self.optimizer)
 
     # ------------------------------------------------------------------ data
     def batches(self, epoch: int, skip: int):
@@ -386,12 +409,14 @@ class NetworkTrainer:
             loss = self.loss(batch)
             if not torch.isfinite(loss):
                 self.stop_on_nonfinite_loss(loss.item(), progress)
+            if self.fused_backward is not None:
+                self.fused_backward.sync = sync  # the optimizer steps inside backward on the group's last batch
             self.accelerator.backward(self.precision.scale(loss))  # divides by gradient_accumulation_steps
         if sync:
             if args.max_grad_norm:
                 self.precision.unscale(self.optimizer)
                 self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
-            if self.precision.step(self.optimizer):
+            if self.fused_backward is not None or self.precision.step(self.optimizer):  # fused: stepped already
                 self.lr_scheduler.step()
             else:  # fp16 grad scaler: inf gradients, update skipped and scale lowered (as accelerate on CUDA)
                 self.skipped_steps += 1

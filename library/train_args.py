@@ -213,6 +213,9 @@ def add_all_training_arguments(parser: argparse.ArgumentParser) -> None:
     from library.train_features import add_feature_arguments
 
     add_feature_arguments(parser)
+    from library.performance_args import add_performance_arguments
+
+    add_performance_arguments(parser)
 
 
 # ---------------------------------------------------------------- config files
@@ -372,6 +375,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     from library.train_features import validate_feature_args
 
     validate_feature_args(args)
+    from library.performance_args import validate_performance_args
+
+    validate_performance_args(args, sdxl, optimizer_name(args))
     if sdxl:
         _need(not args.weighted_captions, "--weighted_captions is not supported for SDXL (as in sd-scripts)")
 
