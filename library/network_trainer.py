@@ -3,6 +3,10 @@
 `train(args, sdxl)` is the whole of train_network.py / sdxl_train_network.py: validate, load, cache, train,
 save. Memory: frozen weights never get gradients, gradients are freed with `set_to_none`, the VAE and text
 encoders are dropped once their outputs are cached and nothing else needs them, and no model is copied.
+
+Several processes (accelerate launch / torchrun, see docs/distributed.md and library.distributed): each step's
+global batch is split across the processes, the module that runs the loss is the one DDP wraps, gradients are
+averaged over the whole global batch, and only the main process writes files.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from library import lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
+from library import distributed, lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
 from library.malloc_tuning import keep_freed_memory_for_reuse
 from library.train_setup import (_allow_fp16_gradient_unscale, _place, create_network, load_components,  # noqa: F401
                                  merge_base_weights, optimizer_groups, parse_network_args, release_memory,
@@ -69,6 +73,8 @@ class NetworkTrainer:
         self.samples: list[str] = []
         self.step_losses: list[float] = []  # loss of the last batch of each optimizer step
         self.interrupted = False
+        self.stop_requested = False  # several processes: Ctrl-C in any of them, agreed by all (global_loss)
+        self._interrupt: _Interrupt | None = None
         self.final_path = ""
 
     # ------------------------------------------------------------------ setup
@@ -86,19 +92,22 @@ class NetworkTrainer:
         log_dir = None
         if args.logging_dir:
             log_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
-        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                       mixed_precision=args.mixed_precision,
+        # Gradient accumulation is step()'s own (an epoch's last batch also ends a group, which accelerate's
+        # counter cannot know without its own data loader); the scheduler counts optimizer steps, once each.
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
                                        log_with=None if log_with is None else ("all" if log_with == "all" else log_with),
-                                       project_dir=log_dir)
+                                       project_dir=log_dir, step_scheduler_with_optimizer=False,
+                                       kwargs_handlers=distributed.accelerator_kwargs(args))
         self.device = self.accelerator.device
         if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
             keep_freed_memory_for_reuse()
-        if args.seed is not None:
-            from accelerate.utils import set_seed
+        if not self.accelerator.is_main_process:
+            logging.getLogger("library").setLevel(logging.WARNING)  # one copy of the run's log
+        from accelerate.utils import set_seed
 
-            set_seed(args.seed)
-        self.noise_generator = torch.Generator().manual_seed(args.seed if args.seed is not None else
-                                                             int(torch.randint(0, 2**31, ()).item()))
+        stored = train_state.read_progress(args.resume).get("seed") if args.resume else None
+        self.seed = distributed.resolve_run_seed(args.seed, stored, self.accelerator)
+        set_seed(self.seed)
         self.model_dtype, self.network_dtype = weight_dtypes(args, self.device)
         # Load straight into the frozen-model precision (no fp32 copy), unless the VAE must stay fp32.
         load_dtype = torch.float32 if args.no_half_vae else self.model_dtype
@@ -108,7 +117,9 @@ class NetworkTrainer:
         args.v_parameterization = self.v_param
         from library.datasets import build_dataset_group
 
-        self.dataset = build_dataset_group(args, self.components.tokenizers, self.sdxl, config=self.data_config)
+        self.dataset = build_dataset_group(args, self.components.tokenizers, self.sdxl, config=self.data_config,
+                                           seed=self.seed)
+        self.dataset.shard(self.accelerator.process_index, self.accelerator.num_processes)
         self.dataset.describe()
         if getattr(args, "debug_dataset", False):
             return
@@ -118,15 +129,15 @@ class NetworkTrainer:
             merge_base_weights(args, self.components)
         self._freeze_models()
         self._cache_inputs()
-        if args.seed is not None:  # the network's init and the training stream must not depend on what was cached
-            from accelerate.utils import set_seed
-
-            set_seed(args.seed)
+        set_seed(self.seed)  # the network's init must not depend on what was cached; the same in every process
         self.network, self.network_module, self.network_kwargs = create_network(args, self.components)
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         _place(self.network, self.device, self.network_dtype)
         self._build_optimizer()
+        # each process's own torch stream from here (element-wise network dropout); python/numpy stay shared
+        torch.manual_seed(distributed.sample_seed(self.seed, distributed.STREAM_PROCESS,
+                                                  self.accelerator.process_index))
 
     def _freeze_models(self) -> None:
         c = self.components
@@ -204,13 +215,15 @@ class NetworkTrainer:
         if args.save_n_epoch_ratio:
             args.save_every_n_epochs = max(1, self.num_epochs // args.save_n_epoch_ratio)
         name = result.scheduler_override or args.lr_scheduler_type or args.lr_scheduler
-        scheduler = lr_schedulers.build_scheduler(
-            name, result.optimizer, args.max_train_steps * self.accelerator.num_processes,
+        scheduler = lr_schedulers.build_scheduler(  # in optimizer steps, the same for any number of processes
+            name, result.optimizer, args.max_train_steps,
             args.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_args,
             initial_lr=result.initial_lr)
         if args.full_fp16:
             _allow_fp16_gradient_unscale(self.accelerator)
-        self.network, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.network, result.optimizer,
+        # The module that runs (and that DDP wraps with several processes): see library.distributed.NetworkForward.
+        self.forward = distributed.NetworkForward(self.network, self.loss)
+        self.forward, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.forward, result.optimizer,
                                                                                    scheduler)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
 
@@ -245,15 +258,16 @@ class NetworkTrainer:
             return encode_tokens(c.text_encoders, ids, args.clip_skip, self.sdxl, weights, tokenizers=c.tokenizers,
                                  max_token_length=args.max_token_length)
 
-    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+    def latents(self, batch: dict[str, Any], generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Scaled latents of the batch: cached ones (the dataset already applies the VAE's scaling factor;
-        the .npz files hold them unscaled, as sd-scripts) or encoded now."""
+        the .npz files hold them unscaled, as sd-scripts) or encoded now (sampled with `generators`, one per
+        sample). The VAE runs in its own dtype (no autocast)."""
         if batch.get("latents") is not None:
             return batch["latents"].to(self.device, dtype=torch.float32)
         vae = self.components.vae
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             images = batch["images"].to(self.device, dtype=next(vae.parameters()).dtype)
-            latents = vae.encode(images).latent_dist.sample()
+            latents = vae.encode(images).latent_dist.sample(generator=generators)
         if not torch.isfinite(latents).all():
             raise TrainingStopped("the VAE produced NaN latents (use --no_half_vae)")
         return latents.float() * self.latent_scale
@@ -263,11 +277,15 @@ class NetworkTrainer:
         return torch.cat([torch.as_tensor(p).reshape(-1, 2) for p in parts], dim=1).to(self.device, torch.float32)
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's mean loss. Each sample draws its VAE sample, noise and timestep from its own generator
+        (`noise_seeds`, library.distributed), so a sample's loss does not depend on its batch or process."""
         args = self.args
-        latents = self.latents(batch)
+        seeds = batch.get("noise_seeds")
+        generators = None if seeds is None else distributed.torch_generators(seeds)
+        latents = self.latents(batch, generators)
         hidden, pooled = self.conditioning(batch)
         noise_t, noisy, timesteps = noise.sample_noise_and_timesteps(
-            latents, self.noise_scheduler, noise.NoiseSettings.from_args(args), self.noise_generator)
+            latents, self.noise_scheduler, noise.NoiseSettings.from_args(args), generators)
         timesteps = timesteps.to(self.device)
         kwargs = {}
         if self.sdxl:
@@ -295,9 +313,11 @@ class NetworkTrainer:
         namer = OutputNamer(args.output_dir, args.output_name, args.save_model_as)
         progress = train_state.Progress()
         if args.resume:
-            progress = train_state.load_state(args.resume, network=self.accelerator.unwrap_model(self.network),
-                                              optimizer=self.optimizer, scheduler=self.lr_scheduler,
-                                              noise_generator=self.noise_generator, scaler=self.accelerator.scaler)
+            progress = train_state.load_state(args.resume, network=self.network, optimizer=self.optimizer,
+                                              scheduler=self.lr_scheduler, scaler=self.accelerator.scaler,
+                                              process=self.accelerator.process_index,
+                                              num_processes=self.accelerator.num_processes,
+                                              batches_per_epoch=len(self.dataset))
             logger.info("resumed from %s at epoch %d, step %d", args.resume, progress.epoch + 1, progress.global_step)
         self.progress = progress
         self.namer = namer
@@ -321,9 +341,10 @@ class NetworkTrainer:
         if args.sample_at_first and progress.global_step == 0:
             self.sample(0, None)
         with _Interrupt() as interrupt:
-            self._loop(progress, interrupt)
+            self._interrupt = interrupt
+            self._loop(progress)
         self.bar.close()
-        if interrupt.requested:
+        if self.interrupted:
             return self.last_save or ""
         path = self.save(namer.final(), progress)
         if args.save_state or args.save_state_on_train_end:
@@ -331,7 +352,7 @@ class NetworkTrainer:
         self.accelerator.end_training()
         return path
 
-    def _loop(self, progress: train_state.Progress, interrupt: _Interrupt) -> None:
+    def _loop(self, progress: train_state.Progress) -> None:
         args = self.args
         for epoch in range(progress.epoch, self.num_epochs):
             progress.epoch = epoch
@@ -345,7 +366,7 @@ class NetworkTrainer:
                 if not synced:
                     continue
                 self.after_step(progress)
-                if interrupt.requested:
+                if self.stop_agreed():
                     self.save_interrupted(progress)
                     return
                 if progress.global_step >= args.max_train_steps:
@@ -362,27 +383,50 @@ class NetworkTrainer:
         args = self.args
         position = progress.batches_in_epoch + 1
         sync = position % args.gradient_accumulation_steps == 0 or position == len(self.dataset)
-        self.accelerator.gradient_state._set_sync_gradients(sync)  # as accumulate() does, but epochs end groups
-        net = self.accelerator.unwrap_model(self.network)
-        if hasattr(net, "on_step_start"):
-            net.on_step_start(self.components.text_encoder, self.components.unet)
-        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.network):
-            loss = self.loss(batch)
-            if not torch.isfinite(loss):
-                raise TrainingStopped(f"loss is {loss.item()} at step {progress.global_step + 1} (epoch "
+        if hasattr(self.network, "on_step_start"):  # its draws (DyLoRA's rank) are the same in every process
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(distributed.sample_seed(
+                    self.seed, distributed.STREAM_STEP, progress.epoch, progress.batches_in_epoch))
+                self.network.on_step_start(self.components.text_encoder, self.components.unet)
+        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.forward):
+            loss = self.forward(batch)  # this process's batch mean
+            rows = int(batch["loss_weights"].shape[0]) if "loss_weights" in batch else 1
+            scale = distributed.loss_scale(rows, batch.get("global_batch_size", rows), self.accelerator.num_processes)
+            mean_loss = self.global_loss(loss, scale)
+            if not math.isfinite(mean_loss):
+                raise TrainingStopped(f"loss is {mean_loss} at step {progress.global_step + 1} (epoch "
                                       f"{progress.epoch + 1}); stopped without saving. Last good save: "
                                       f"{self.last_save or 'none'}")
-            self.accelerator.backward(loss)  # divides by gradient_accumulation_steps
+            # DDP averages over processes: scaled, that is the mean over the global batch
+            self.accelerator.backward(loss * scale / args.gradient_accumulation_steps)
         if sync:
             if args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
             self.optimizer.step()
-            self.lr_scheduler.step()
+            if not self.optimizer.step_was_skipped:  # an fp16 overflow skips the step and the schedule
+                self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.loss_window.append(loss.item())
+        self.loss_window.append(mean_loss)
         if len(self.loss_window) > len(self.dataset):
             self.loss_window.popleft()
         return sync
+
+    def global_loss(self, loss: torch.Tensor, scale: float) -> float:
+        """The global batch's mean loss (the same number in every process), and the processes agree on Ctrl-C:
+        one all-reduce of two numbers per batch with several processes, none with one."""
+        value = loss.detach().float() * scale / self.accelerator.num_processes
+        if self.accelerator.num_processes == 1:
+            return value.item()
+        interrupted = self._interrupt is not None and self._interrupt.requested
+        both = self.accelerator.reduce(torch.stack([value, value.new_tensor(float(interrupted))]), "sum")
+        self.stop_requested = bool(both[1].item() > 0)
+        return both[0].item()
+
+    def stop_agreed(self) -> bool:
+        """Ctrl-C: one process looks at its flag; several stop at the batch where all saw one (global_loss)."""
+        if self.accelerator.num_processes == 1:
+            return self._interrupt is not None and self._interrupt.requested
+        return self.stop_requested
 
     def after_step(self, progress: train_state.Progress) -> None:
         args = self.args
@@ -446,15 +490,23 @@ class NetworkTrainer:
         if self.accelerator.is_main_process:
             save_network(self.accelerator.unwrap_model(self.network), path, dtype, meta)
             logger.info("saved %s", path)
+        self.accelerator.wait_for_everyone()  # no process goes on (or exits) before the file is complete
         self.last_save = path
         return path
 
     def save_state(self, folder: str, progress: train_state.Progress) -> None:
+        """Every process's RNG streams, gathered; the main process writes the folder."""
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([train_state.rng_state(None)])
         if self.accelerator.is_main_process:
-            train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
-                                   optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
-                                   noise_generator=self.noise_generator, scaler=self.accelerator.scaler)
+            train_state.save_state(folder, network=self.network, optimizer=self.optimizer,
+                                   scheduler=self.lr_scheduler, progress=progress, scaler=self.accelerator.scaler,
+                                   rng_states=rng_states,
+                                   extra={"seed": self.seed, "num_processes": self.accelerator.num_processes,
+                                          "batches_per_epoch": len(self.dataset)})
             logger.info("saved training state %s", folder)
+        self.accelerator.wait_for_everyone()
 
     def save_interrupted(self, progress: train_state.Progress) -> None:
         path = self.save(self.namer.step(progress.global_step), progress)
@@ -465,7 +517,10 @@ class NetworkTrainer:
 
     def sample(self, step: int, epoch: int | None) -> None:
         args = self.args
-        if not args.sample_prompts or not self.accelerator.is_main_process:
+        if not args.sample_prompts:
+            return
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
             return
         from library.sampling import sample_images
 
@@ -476,6 +531,7 @@ class NetworkTrainer:
                               clip_skip=args.clip_skip, autocast_dtype=autocast,
                               networks=[self.accelerator.unwrap_model(self.network)])
         self.samples.extend(paths)
+        self.accelerator.wait_for_everyone()
 
 
 def _group_names(groups: list[dict[str, Any]], train_te: bool, train_unet: bool) -> list[str]:

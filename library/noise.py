@@ -76,9 +76,16 @@ def pyramid_noise_like(noise: torch.Tensor, iterations: int = 6, discount: float
 
 
 def sample_noise_and_timesteps(latents: torch.Tensor, noise_scheduler: Any, settings: NoiseSettings,
-                               generator: torch.Generator | None = None
+                               generator: torch.Generator | list[torch.Generator] | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noise, noisy_latents, timesteps) for one batch, with every configured noise option."""
+    """(noise, noisy_latents, timesteps) for one batch, with every configured noise option.
+
+    `generator` may be a list, one per sample: each sample's draws (and the multires renormalisation) are then
+    its own, independent of the batch it is in (library.distributed)."""
+    if isinstance(generator, list):
+        rows = [sample_noise_and_timesteps(latents[i:i + 1], noise_scheduler, settings, g)
+                for i, g in enumerate(generator)]
+        return tuple(torch.cat(parts) for parts in zip(*rows))  # type: ignore[return-value]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if settings.noise_offset:
         offset = settings.noise_offset
