@@ -470,14 +470,16 @@ class DatasetGroup(torch.utils.data.Dataset):
 
     # -------------------------------------------------------------------------------------- latents
     def cache_latents(self, vae: Any, vae_batch_size: int = 1, cache_to_disk: bool = False,
-                      device: str | torch.device | None = None, progress: bool = True) -> None:
+                      device: str | torch.device | None = None, progress: bool = True, processes: Any = None) -> None:
         """Encode every image once (see library.latent_cache); batches then hold `latents` instead of `images`,
-        multiplied by the VAE's scaling factor (ready for the U-Net, like freshly encoded latents)."""
+        multiplied by the VAE's scaling factor (ready for the U-Net, like freshly encoded latents).
+        `processes`: accelerate's PartialState, to split the work across processes."""
         from library.latent_cache import cache_group_latents
 
         self.cache_to_disk = cache_to_disk
         self.latent_scale = float(getattr(getattr(vae, "config", None), "scaling_factor", 1.0) or 1.0)
-        cache_group_latents(self, vae, vae_batch_size, cache_to_disk, device=device, progress=progress)
+        cache_group_latents(self, vae, vae_batch_size, cache_to_disk, device=device, progress=progress,
+                            processes=processes)
 
 
 def build_dataset_group(args: argparse.Namespace, tokenizers: Sequence[Any] | None, sdxl: bool = False,

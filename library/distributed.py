@@ -86,17 +86,25 @@ def resolve_run_seed(requested: int | None, stored: int | None, accelerator: Any
     return int(drawn[0])
 
 
+def cpu_only_multiprocess() -> bool:
+    """A multi-process launch (WORLD_SIZE > 1: torchrun, `accelerate launch --multi_gpu`) on a machine without an
+    accelerator. accelerate then needs `cpu=True` to join the processes with gloo; without it each process
+    would silently train alone."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+
+
 def accelerator_kwargs(args: argparse.Namespace) -> list[Any]:
     """accelerate kwargs handlers: --ddp_timeout (minutes), --ddp_gradient_as_bucket_view, --ddp_static_graph,
-    and the DDP settings this trainer needs (`find_unused_parameters`; no per-step buffer broadcast: the
-    network's buffers, LoRA alphas, never change)."""
+    and `find_unused_parameters` when the network needs it."""
     from accelerate import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     handlers: list[Any] = []
     if getattr(args, "ddp_timeout", None):
         handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
     handlers.append(DistributedDataParallelKwargs(
-        find_unused_parameters=may_skip_parameters(args), broadcast_buffers=False,
+        find_unused_parameters=may_skip_parameters(args),
         gradient_as_bucket_view=bool(getattr(args, "ddp_gradient_as_bucket_view", False)),
         static_graph=bool(getattr(args, "ddp_static_graph", False))))
     return handlers

@@ -97,6 +97,7 @@ class NetworkTrainer:
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision,
                                        log_with=None if log_with is None else ("all" if log_with == "all" else log_with),
                                        project_dir=log_dir, step_scheduler_with_optimizer=False,
+                                       cpu=distributed.cpu_only_multiprocess(),
                                        kwargs_handlers=distributed.accelerator_kwargs(args))
         self.device = self.accelerator.device
         if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
@@ -159,13 +160,15 @@ class NetworkTrainer:
         if getattr(args, "cache_latents", False):
             with torch.no_grad():
                 self.dataset.cache_latents(c.vae, vae_batch_size=getattr(args, "vae_batch_size", 1),
-                                           cache_to_disk=getattr(args, "cache_latents_to_disk", False))
+                                           cache_to_disk=getattr(args, "cache_latents_to_disk", False),
+                                           processes=self.accelerator.state)
         self.te_cache = None
         if getattr(args, "cache_text_encoder_outputs", False) or self._te_outputs_fixed():
             from library.te_cache import TextEncoderOutputCache
 
             self.te_cache = TextEncoderOutputCache.build(self.dataset, c, args, self.device,
-                                                         to_disk=getattr(args, "cache_text_encoder_outputs_to_disk", False))
+                                                         to_disk=getattr(args, "cache_text_encoder_outputs_to_disk", False),
+                                                         processes=self.accelerator.state)
         sampling = bool(args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs
                                                   or args.sample_at_first))
         if getattr(args, "cache_latents", False) and not sampling:
@@ -585,7 +588,8 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
         trainer = train(args, sdxl)
     except (ValueError, FileNotFoundError, FloatingPointError, TrainingStopped) as e:
         raise SystemExit(f"error: {e}") from None
-    if trainer.final_path:
+    reports = getattr(trainer, "accelerator", None) is None or trainer.accelerator.is_main_process
+    if trainer.final_path and reports:
         print(f"LoRA saved: {os.path.abspath(trainer.final_path)}")
     if trainer.samples:
         print(f"sample images: {os.path.abspath(os.path.dirname(trainer.samples[0]))}")
