@@ -228,6 +228,12 @@ class NetworkTrainer:
         self.forward = distributed.NetworkForward(self.network, self.loss)
         self.forward, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.forward, result.optimizer,
                                                                                    scheduler)
+        if isinstance(self.forward, torch.nn.parallel.DistributedDataParallel):
+            ddp = self.forward
+            logger.info("DistributedDataParallel over %d processes (%s): find_unused_parameters=%s "
+                        "gradient_as_bucket_view=%s static_graph=%s", self.accelerator.num_processes,
+                        self.accelerator.state.backend, ddp.find_unused_parameters, ddp.gradient_as_bucket_view,
+                        ddp.static_graph)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------ data
@@ -391,7 +397,10 @@ class NetworkTrainer:
                 torch.default_generator.manual_seed(distributed.sample_seed(
                     self.seed, distributed.STREAM_STEP, progress.epoch, progress.batches_in_epoch))
                 self.network.on_step_start(self.components.text_encoder, self.components.unet)
-        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.forward):
+        # DDP with static_graph fails inside no_sync (torch 2.13: reducer "expect_autograd_hooks_" assert), so
+        # --ddp_static_graph all-reduces every accumulated batch: the same sums, more communication
+        skip_sync = not sync and not getattr(args, "ddp_static_graph", False)
+        with self.accelerator.no_sync(self.forward) if skip_sync else contextlib.nullcontext():
             loss = self.forward(batch)  # this process's batch mean
             rows = int(batch["loss_weights"].shape[0]) if "loss_weights" in batch else 1
             scale = distributed.loss_scale(rows, batch.get("global_batch_size", rows), self.accelerator.num_processes)

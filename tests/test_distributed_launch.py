@@ -1,0 +1,50 @@
+"""`accelerate launch` with a CPU multi-process config file: 2 processes x batch 2 with gradient accumulation
+and the --ddp_* options train what 1 process x batch 4 trains."""
+from __future__ import annotations
+
+import sys
+
+from library.file_io import load_state_dict
+from tests.dist_helpers import AUGMENT, CAPTIONS, COLOURS, free_port, max_difference, run
+from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
+
+# What `accelerate config` writes for "multi-GPU" on one machine; on a machine without GPUs the trainer joins the
+# processes with gloo on the CPU (docs/distributed.md).
+CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+main_process_ip: 127.0.0.1
+main_process_port: {port}
+mixed_precision: 'no'
+use_cpu: false
+gpu_ids: all
+rdzv_backend: static
+same_network: true
+"""
+
+_TRAIN = ("--max_train_epochs", "2", "--gradient_accumulation_steps", "2", "--optimizer_type", "SGDNesterov",
+          "--learning_rate", "1", "--network_train_unet_only")
+
+
+def test_accelerate_launch_with_accumulation_matches_one_process(tmp_path):
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(CONFIG.format(port=free_port()))
+    data2 = solid_dataset(tmp_path / "d2", colours=COLOURS, caption=CAPTIONS, repeats=2, batch_size=2,
+                          extra_general=AUGMENT)
+    argv = base_args(tiny_model_dir(), data2, tmp_path / "two", *_TRAIN, "--ddp_timeout", "5",
+                     "--ddp_gradient_as_bucket_view", "--ddp_static_graph")
+    output = run([[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                   "train_network.py", *argv]])[0]
+    assert "DistributedDataParallel over 2 processes (gloo): find_unused_parameters=False " \
+           "gradient_as_bucket_view=True static_graph=True" in output
+    assert "10 samples" not in output and output.count("LoRA saved:") == 1
+
+    data4 = solid_dataset(tmp_path / "d4", colours=COLOURS, caption=CAPTIONS, repeats=2, batch_size=4,
+                          extra_general=AUGMENT)
+    single = train(base_args(tiny_model_dir(), data4, tmp_path / "one", *_TRAIN))
+    assert len(single.step_losses) == 4  # 10 samples: global batches 4, 4, 2; groups of 2 batches: 2 steps/epoch
+    diff, scale = max_difference(load_state_dict(tmp_path / "two" / "lora.safetensors"),
+                                 load_state_dict(tmp_path / "one" / "lora.safetensors"))
+    assert diff < 2e-6 * scale, (diff, scale)
