@@ -1,5 +1,7 @@
-"""State and resume with several processes: a run on two "machines" (torchrun --nnodes 2 on 127.0.0.1) resumed by
-2 processes on one machine ends with the weights of the uninterrupted run; resumed by 1 process it warns."""
+"""State and resume with several processes: a DyLoRA run on two "machines" (torchrun --nnodes 2 on 127.0.0.1)
+resumed by 2 processes on one machine ends with the weights of the uninterrupted run; resumed by 1 process it
+warns. DyLoRA trains a random rank per step (the same in every process) and leaves parameters without gradients
+(DDP's find_unused_parameters path)."""
 from __future__ import annotations
 
 import logging
@@ -11,14 +13,15 @@ from tests.dist_helpers import AUGMENT, CAPTIONS, COLOURS, free_port, run, torch
 from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
 
 _TRAIN = ("--max_train_epochs", "3", "--save_state", "--save_every_n_epochs", "1", "--noise_offset", "0.05",
-          "--network_dropout", "0.1")
+          "--network_dropout", "0.1", "--network_module", "networks.dylora", "--network_args", "unit=2")
 
 
 def test_two_machines_then_resumed_by_two_processes(tmp_path, caplog):
     data = solid_dataset(tmp_path / "d", colours=COLOURS, caption=CAPTIONS, batch_size=2, extra_general=AUGMENT)
     full = base_args(tiny_model_dir(), data, tmp_path / "full", *_TRAIN)
     port = free_port()
-    run([torchrun(1, nnodes=2, node_rank=rank, port=port) + ["train_network.py", *full] for rank in (0, 1)])
+    outputs = run([torchrun(1, nnodes=2, node_rank=rank, port=port) + ["train_network.py", *full] for rank in (0, 1)])
+    assert "DistributedDataParallel over 2 processes (gloo): find_unused_parameters=True" in outputs[0]
     state = tmp_path / "full" / "lora-000001-state"
     resumed = base_args(tiny_model_dir(), data, tmp_path / "resumed", *_TRAIN, "--resume", str(state))
     run([torchrun(2) + ["train_network.py", *resumed]])
