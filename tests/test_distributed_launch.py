@@ -1,28 +1,22 @@
-"""`accelerate launch` with a CPU multi-process config file: 2 processes x batch 2 with gradient accumulation
-and the --ddp_* options train what 1 process x batch 4 trains."""
+"""`accelerate launch` with the CPU multi-process config file of docs/distributed.md: 2 processes x batch 2 with
+gradient accumulation and the --ddp_* options train what 1 process x batch 4 trains."""
 from __future__ import annotations
 
+import re
 import sys
 
 from library.file_io import load_state_dict
-from tests.dist_helpers import AUGMENT, CAPTIONS, COLOURS, free_port, max_difference, run
+from tests.dist_helpers import AUGMENT, CAPTIONS, COLOURS, ROOT, free_port, max_difference, run
 from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
 
-# What `accelerate config` writes for "multi-GPU" on one machine; on a machine without GPUs the trainer joins the
-# processes with gloo on the CPU (docs/distributed.md).
-CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-main_process_ip: 127.0.0.1
-main_process_port: {port}
-mixed_precision: 'no'
-use_cpu: false
-gpu_ids: all
-rdzv_backend: static
-same_network: true
-"""
+
+def cpu_config(port: int) -> str:
+    """The accelerate config file of docs/distributed.md ("Trying it on a CPU"), on a free port."""
+    text = (ROOT / "docs" / "distributed.md").read_text()
+    block = text[text.index("## Trying it on a CPU"):].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert "distributed_type: MULTI_GPU" in block and "num_processes: 2" in block
+    return re.sub(r"main_process_port: \d+", f"main_process_port: {port}", block)
+
 
 _TRAIN = ("--max_train_epochs", "2", "--gradient_accumulation_steps", "2", "--optimizer_type", "SGDNesterov",
           "--learning_rate", "1", "--network_train_unet_only")
@@ -30,7 +24,7 @@ _TRAIN = ("--max_train_epochs", "2", "--gradient_accumulation_steps", "2", "--op
 
 def test_accelerate_launch_with_accumulation_matches_one_process(tmp_path):
     config = tmp_path / "accelerate.yaml"
-    config.write_text(CONFIG.format(port=free_port()))
+    config.write_text(cpu_config(free_port()))
     data2 = solid_dataset(tmp_path / "d2", colours=COLOURS, caption=CAPTIONS, repeats=2, batch_size=2,
                           extra_general=AUGMENT)
     argv = base_args(tiny_model_dir(), data2, tmp_path / "two", *_TRAIN, "--ddp_timeout", "5",
