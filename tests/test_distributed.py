@@ -147,3 +147,54 @@ def test_two_processes_train_what_one_process_with_the_global_batch_trains(two_p
     for key in ("ss_num_batches_per_epoch", "ss_steps", "ss_epoch", "ss_max_train_steps", "ss_num_epochs"):
         assert meta_two.get(key) == meta_one.get(key), key
     assert meta_two["ss_num_batches_per_epoch"] == "2" and meta_two["ss_steps"] == "4"
+
+
+class _Process:
+    """One of two "processes" played by threads (accelerate's PartialState interface the caches use)."""
+
+    def __init__(self, index: int, barrier) -> None:
+        self.process_index, self.num_processes, self._barrier = index, 2, barrier
+
+    def wait_for_everyone(self) -> None:
+        self._barrier.wait(timeout=60)
+
+
+def test_text_encoder_disk_cache_is_split_and_shared(tmp_path, sd1_models):
+    """Each process encodes its share of the distinct captions and writes those files once; after the barrier
+    both hold every caption's outputs, equal to one process's."""
+    import argparse
+    import threading
+
+    from library.datasets import build_dataset_group
+    from library.te_cache import TextEncoderOutputCache
+
+    components = sd1_models
+    toml = solid_dataset(tmp_path, colours=COLOURS, caption=CAPTIONS, batch_size=2)
+    args = parse(["--pretrained_model_name_or_path", "unused", "--dataset_config", toml, "--seed", "3"])
+    opts = argparse.Namespace(clip_skip=None, max_token_length=None)
+    groups = [build_dataset_group(args, components.tokenizers) for _ in range(3)]
+    for rank in (0, 1):
+        groups[rank].shard(rank, 2)
+    barrier, caches, errors = threading.Barrier(2), [None, None], []
+
+    def work(rank: int) -> None:
+        try:
+            caches[rank] = TextEncoderOutputCache.build(groups[rank], components, opts, torch.device("cpu"),
+                                                        to_disk=True, processes=_Process(rank, barrier))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [c.computed for c in caches] == [3, 2] and [c.from_disk for c in caches] == [2, 3]
+    assert len(list(tmp_path.glob("img/*_te_outputs.npz"))) == 5
+    single = TextEncoderOutputCache.build(groups[2], components, opts, torch.device("cpu"))
+    for cache in caches:
+        assert cache.entries.keys() == single.entries.keys()
+        for key, (hidden, _) in single.entries.items():
+            torch.testing.assert_close(cache.entries[key][0], hidden, rtol=1e-5, atol=1e-6)
