@@ -6,7 +6,9 @@ Each configuration is a `torchrun --nproc_per_node N` launch of the real trainer
 random-weight models and a synthetic dataset, latents cached; process r trains global_batch / N samples per step
 (gloo on CPU, NCCL on GPUs). Prints, per N: seconds per optimizer step, samples per second, the time of one
 all-reduce of the LoRA gradients' size (what DDP sends each step), and the scaling efficiency
-(samples/s with N) / (N x samples/s with 1). On CPU the cores are split evenly (--threads in total).
+(samples/s with N) / (N x samples/s with 1), and the CPU seconds one process spends per step (the work each
+process does; on a shared machine the wall clock also measures the neighbours). On CPU the cores are split
+evenly (--threads in total).
 Writes JSON (--json). See docs/benchmarks.md and docs/distributed.md.
 """
 from __future__ import annotations
@@ -80,7 +82,10 @@ def worker(opts: argparse.Namespace) -> None:
             trainer.step(next(batches), progress)
             progress.batches_in_epoch += 1
 
-        times = _timed(step, opts.warmup, opts.steps)
+        _timed(step, opts.warmup, 0)
+        cpu_start = time.process_time()
+        times = _timed(step, 0, opts.steps)
+        cpu_per_step = (time.process_time() - cpu_start) / opts.steps
     numel = sum(p.numel() for p in trainer.trainable)
     allreduce = []
     if world > 1:
@@ -96,7 +101,7 @@ def worker(opts: argparse.Namespace) -> None:
     if trainer.accelerator.is_main_process:
         Path(opts.worker).write_text(json.dumps({
             "processes": world, "per_process_batch": per_process, "sec_per_step": statistics.median(times),
-            "step_times": times, "samples_per_sec": opts.global_batch / statistics.median(times),
+            "step_times": times, "cpu_sec_per_step": cpu_per_step, "samples_per_sec": opts.global_batch / statistics.median(times),
             "allreduce_ms": statistics.median(allreduce) * 1000 if allreduce else 0.0, "gradient_numel": numel,
             "threads_per_process": torch.get_num_threads(), "device": str(trainer.device)}))
 
@@ -136,12 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     base = next((r["samples_per_sec"] for r in results if r["processes"] == 1), None)
     print(f"{opts.arch} {opts.size} {opts.resolution}px, global batch {opts.global_batch}, LoRA dim {opts.dim}, "
           f"fp32, {results[0]['device']}")
-    print("processes  batch/proc  threads/proc  s/step   samples/s  all-reduce ms  efficiency")
+    print("processes  batch/proc  threads/proc  s/step  CPU s/step/proc  samples/s  all-reduce ms  efficiency")
     for r in results:
         r["efficiency"] = r["samples_per_sec"] / (r["processes"] * base) if base else None
         eff = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"
         print(f"{r['processes']:>9}  {r['per_process_batch']:>10}  {r['threads_per_process']:>12}  "
-              f"{r['sec_per_step']:>6.3f}  {r['samples_per_sec']:>9.2f}  {r['allreduce_ms']:>13.2f}  {eff:>10}")
+              f"{r['sec_per_step']:>6.3f}  {r['cpu_sec_per_step']:>15.3f}  {r['samples_per_sec']:>9.2f}  "
+              f"{r['allreduce_ms']:>13.2f}  {eff:>10}")
     out = Path(opts.json) if opts.json else ROOT / "bench" / "results" / \
         f"scaling_{opts.arch}_{opts.size}_{opts.resolution}px_gb{opts.global_batch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

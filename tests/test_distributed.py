@@ -198,3 +198,10 @@ def test_text_encoder_disk_cache_is_split_and_shared(tmp_path, sd1_models):
         assert cache.entries.keys() == single.entries.keys()
         for key, (hidden, _) in single.entries.items():
             torch.testing.assert_close(cache.entries[key][0], hidden, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_scaling_refuses_a_batch_it_cannot_split():
+    from bench.bench_scaling import main
+
+    with pytest.raises(SystemExit, match="--global_batch 3 must be divisible by every --processes count"):
+        main(["--global_batch", "3", "--processes", "1,2"])
