@@ -101,7 +101,8 @@ def worker(opts: argparse.Namespace) -> None:
     if trainer.accelerator.is_main_process:
         Path(opts.worker).write_text(json.dumps({
             "processes": world, "per_process_batch": per_process, "sec_per_step": statistics.median(times),
-            "step_times": times, "cpu_sec_per_step": cpu_per_step, "samples_per_sec": opts.global_batch / statistics.median(times),
+            "step_times": times, "cpu_sec_per_step": cpu_per_step,
+            "samples_per_sec": opts.global_batch / statistics.median(times),
             "allreduce_ms": statistics.median(allreduce) * 1000 if allreduce else 0.0, "gradient_numel": numel,
             "threads_per_process": torch.get_num_threads(), "device": str(trainer.device)}))
 

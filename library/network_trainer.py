@@ -494,7 +494,7 @@ class NetworkTrainer:
             self.args, arch=self.arch, v_parameterization=self.v_param, dataset=self.dataset,
             num_batches_per_epoch=len(self.dataset), num_epochs=self.num_epochs,
             optimizer_text=f"{self.optimizer_result.name}({self.optimizer_result.args_text})",
-            network_args=self.network_kwargs, started_at=time.time())
+            network_args=self.network_kwargs, started_at=time.time(), seed=self.seed)
 
     def save(self, path: str, progress: train_state.Progress) -> str:
         meta = train_metadata.at_save(self.metadata, progress.global_step, progress.epoch, self.args.no_metadata)

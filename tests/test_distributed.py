@@ -138,15 +138,17 @@ def test_two_processes_train_what_one_process_with_the_global_batch_trains(two_p
     single = train(argv)
     assert len(single.step_losses) == 4
 
-    two, one = load_state_dict(root / "out" / "lora.safetensors"), load_state_dict(tmp_path / "out" / "lora.safetensors")
+    files = (root / "out" / "lora.safetensors", tmp_path / "out" / "lora.safetensors")
+    two, one = (load_state_dict(f) for f in files)
     diff, scale = max_difference(two, one)
     # measured: 1.1e-7 against up-weights of 0.23 (float summation order); gradients summed instead of averaged,
     # or batches not sharded, change the weights by their own size
     assert diff < 2e-6 * scale, (diff, scale)
-    meta_two, meta_one = read_metadata(root / "out" / "lora.safetensors"), read_metadata(tmp_path / "out" / "lora.safetensors")
-    for key in ("ss_num_batches_per_epoch", "ss_steps", "ss_epoch", "ss_max_train_steps", "ss_num_epochs"):
+    meta_two, meta_one = (read_metadata(f) for f in files)
+    for key in ("ss_num_batches_per_epoch", "ss_steps", "ss_epoch", "ss_max_train_steps", "ss_num_epochs", "ss_seed"):
         assert meta_two.get(key) == meta_one.get(key), key
     assert meta_two["ss_num_batches_per_epoch"] == "2" and meta_two["ss_steps"] == "4"
+    assert meta_two["ss_seed"] == str(progress["seed"])  # the drawn seed, recorded
 
 
 class _Process:
