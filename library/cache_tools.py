@@ -2,7 +2,8 @@
 
 Both take the training script's options (model, dataset, precision), so the caches they write are exactly the
 ones a later `train_network.py` / `sdxl_train_network.py` run with `--cache_latents_to_disk` /
-`--cache_text_encoder_outputs_to_disk` finds valid and reuses without recomputing.
+`--cache_text_encoder_outputs_to_disk` finds valid and reuses without recomputing. Under `accelerate launch`
+(or torchrun) each process encodes its share on its own device and writes its files (library.distributed).
 """
 from __future__ import annotations
 
@@ -47,7 +48,12 @@ def cache_to_disk(args: argparse.Namespace, kind: str) -> int:
         train_args.check_captions_fixed(config)
         if args.weighted_captions:
             raise ValueError("--weighted_captions cannot be cached (as in training with cached outputs)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate import PartialState
+
+    from library.distributed import cpu_only_multiprocess
+
+    processes = PartialState(cpu=cpu_only_multiprocess())  # one process, or this one of a launch
+    device = processes.device
     model_dtype, _ = network_trainer.weight_dtypes(args, device)
     components = network_trainer.load_components(args, args.sdxl, torch.float32)
     group = build_dataset_group(args, components.tokenizers, args.sdxl, config=config)
@@ -56,14 +62,15 @@ def cache_to_disk(args: argparse.Namespace, kind: str) -> int:
             vae_dtype = torch.float32 if args.no_half_vae or args.sdxl else model_dtype
             components.vae.to(device=device, dtype=vae_dtype)
             started = time.time()
-            group.cache_latents(components.vae, vae_batch_size=args.vae_batch_size, cache_to_disk=True)
+            group.cache_latents(components.vae, vae_batch_size=args.vae_batch_size, cache_to_disk=True,
+                                processes=processes)
             written = {i.npz_path for i in group.images if i.npz_path}
             return sum(1 for path in written if os.path.getmtime(path) >= started)
         from library.te_cache import TextEncoderOutputCache
 
         for te in components.text_encoders:
             te.to(device=device, dtype=model_dtype)
-        cache = TextEncoderOutputCache.build(group, components, args, device, to_disk=True)
+        cache = TextEncoderOutputCache.build(group, components, args, device, to_disk=True, processes=processes)
         return cache.computed
 
 

@@ -12,6 +12,11 @@ unused, fewer ones repeated) and carry `prior_loss_weight`. Each bucket is cut i
 Randomness (order, captions, flips, crops, color) depends only on (seed, epoch, step position): epoch `e`
 of a resumed run is the same as in the first run, and a trainer can skip the first k batches. Epochs count
 from 1, as in the original (`caption_dropout_every_n_epochs` drops at epochs n, 2n, ...).
+
+Several processes (`shard(rank, world)`, library.distributed): batches are cut at `world` times the batch size
+(one global batch per step, as one process with that batch size) and `__getitem__` returns this process's share
+of it. A sample's flips, crops and caption draws, and the seed of its noise (`noise_seeds`), are keyed by
+(seed, epoch, batch index, position in the global batch), so they do not depend on the number of processes.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 from library.buckets import BucketManager, Reso, cover_size, flipped_crop_top_left
 from library.captions import process_caption
 from library.dataset_config import DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, read_metadata_file
+from library.distributed import STREAM_DATA, STREAM_NOISE, sample_seed, shard_bounds
 from library.images import IMAGE_EXTENSIONS, SizeCache, list_images, read_image_sizes
 from library.loss_masks import uses_mask
 from library.training_images import color_augment, load_training_image, to_tensor
@@ -261,18 +267,18 @@ class ImageDataset:
             more = f" (and {len(too_small) - 3} more images)" if len(too_small) > 3 else ""
             raise ValueError(f"{cfg.where}: {len(too_small)} image(s) too small: " + "; ".join(too_small[:3]) + more)
 
-    def batches(self, rng: np.random.Generator) -> list[list[int]]:
-        """This epoch's batches (image indices), bucket contents shuffled by `rng`."""
+    def batches(self, rng: np.random.Generator, processes: int = 1) -> list[list[int]]:
+        """This epoch's (global) batches of image indices, bucket contents shuffled by `rng`."""
         out = []
-        bs = self.config.batch_size
+        bs = self.config.batch_size * processes
         for reso in sorted(self.buckets):
             members = np.array(self.buckets[reso])
             rng.shuffle(members)
             out += [members[k:k + bs].tolist() for k in range(0, len(members), bs)]
         return out
 
-    def num_batches(self) -> int:
-        return sum(math.ceil(len(m) / self.config.batch_size) for m in self.buckets.values())
+    def num_batches(self, processes: int = 1) -> int:
+        return sum(math.ceil(len(m) / (self.config.batch_size * processes)) for m in self.buckets.values())
 
 
 class DatasetGroup(torch.utils.data.Dataset):
@@ -295,10 +301,17 @@ class DatasetGroup(torch.utils.data.Dataset):
         self._epoch = multiprocessing.Value("i", 1)
         self._step = multiprocessing.Value("i", 0)
         self._order: tuple[int, list[tuple[int, list[int]]]] | None = None
+        self.rank, self.world = 0, 1
+        self.whole_batches = False  # True: __getitem__ returns whole global batches (caching all captions)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Process `rank` of `world`: global batches of `world` x batch size, this process trains its share."""
+        self.rank, self.world = rank, world
+        self._order = None
 
     # ----------------------------------------------------------------------------------------- counts
     def __len__(self) -> int:
-        return sum(ds.num_batches() for ds in self.datasets)
+        return sum(ds.num_batches(self.world) for ds in self.datasets)
 
     @property
     def num_train_images(self) -> int:
@@ -341,7 +354,7 @@ class DatasetGroup(torch.utils.data.Dataset):
     def epoch_batches(self, epoch: int) -> list[tuple[int, list[int]]]:
         """The (dataset index, image indices) of every batch of `epoch`, in order; depends on (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
-        batches = [(d, b) for d, ds in enumerate(self.datasets) for b in ds.batches(rng)]
+        batches = [(d, b) for d, ds in enumerate(self.datasets) for b in ds.batches(rng, self.world)]
         return [batches[p] for p in rng.permutation(len(batches))]
 
     def _batch_order(self) -> list[tuple[int, list[int]]]:
@@ -357,19 +370,29 @@ class DatasetGroup(torch.utils.data.Dataset):
             raise IndexError(index)
         d, members = order[index]
         epoch = self._epoch.value
-        rng = np.random.default_rng([self.seed, epoch, index, 1])
-        return self.make_batch(self.datasets[d], members, rng, epoch, self._step.value)
+        start, stop = (0, len(members)) if self.whole_batches else shard_bounds(len(members), self.rank, self.world)
+        positions = list(range(start, stop)) or [0]  # an empty share trains one padding row with loss weight 0
+        rngs = [np.random.default_rng(sample_seed(self.seed, STREAM_DATA, epoch, index, p)) for p in positions]
+        batch = self.make_batch(self.datasets[d], [members[p] for p in positions], rngs, epoch, self._step.value)
+        batch["noise_seeds"] = torch.tensor([sample_seed(self.seed, STREAM_NOISE, epoch, index, p)
+                                             for p in positions], dtype=torch.long)
+        batch["global_batch_size"] = len(members)
+        if start == stop:
+            batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
+        return batch
 
-    def make_batch(self, ds: ImageDataset, members: list[int], rng: np.random.Generator, epoch: int = 1,
-                   step: int = 0, load_images: bool = True) -> dict[str, Any]:
-        """Build the batch dict of these images (see docs/design.md for the keys)."""
+    def make_batch(self, ds: ImageDataset, members: list[int], rng: np.random.Generator | list[np.random.Generator],
+                   epoch: int = 1, step: int = 0, load_images: bool = True) -> dict[str, Any]:
+        """Build the batch dict of these images (see docs/design.md for the keys); `rng`: one generator for
+        the batch or one per image."""
         from library.latent_cache import load_cached_latents
 
         infos = [ds.images[i] for i in members]
-        caption_rng = random.Random(int(rng.integers(2**63)))
+        rngs = rng if isinstance(rng, list) else [rng] * len(infos)
+        caption_rngs = [random.Random(int(r.integers(2**63))) for r in rngs]
         latents, images, alphas, orig, crops, targets, flips = [], [], [], [], [], [], []
         use_bucket_crop = ds.config.enable_bucket
-        for info in infos:
+        for info, rng in zip(infos, rngs):
             flip = info.subset.flip_aug and rng.random() < 0.5
             flips.append(flip)
             if info.cached:
@@ -392,7 +415,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             if uses_mask(info.subset):
                 alphas.append(alpha if alpha is not None else torch.ones(reso[1], reso[0]))
         captions = [process_caption(i.caption, i.subset.caption_options(), caption_rng, epoch, step,
-                                    self.max_train_steps) for i in infos]
+                                    self.max_train_steps) for i, caption_rng in zip(infos, caption_rngs)]
         batch: dict[str, Any] = {
             "captions": captions,
             "image_paths": [i.path for i in infos],
@@ -457,22 +480,24 @@ class DatasetGroup(torch.utils.data.Dataset):
 
     # -------------------------------------------------------------------------------------- latents
     def cache_latents(self, vae: Any, vae_batch_size: int = 1, cache_to_disk: bool = False,
-                      device: str | torch.device | None = None, progress: bool = True) -> None:
+                      device: str | torch.device | None = None, progress: bool = True, processes: Any = None) -> None:
         """Encode every image once (see library.latent_cache); batches then hold `latents` instead of `images`,
         unscaled, as the VAE's latent distribution gives them and the .npz files hold them (the trainer alone
-        multiplies every latent, cached or fresh, by the VAE's scaling factor)."""
+        multiplies every latent, cached or fresh, by the VAE's scaling factor).
+        `processes`: accelerate's PartialState, to split the work across processes."""
         from library.latent_cache import cache_group_latents
 
         self.cache_to_disk = cache_to_disk
-        cache_group_latents(self, vae, vae_batch_size, cache_to_disk, device=device, progress=progress)
+        cache_group_latents(self, vae, vae_batch_size, cache_to_disk, device=device, progress=progress,
+                            processes=processes)
 
 
 def build_dataset_group(args: argparse.Namespace, tokenizers: Sequence[Any] | None, sdxl: bool = False,
-                        config: DataConfig | None = None) -> DatasetGroup:
+                        config: DataConfig | None = None, seed: int | None = None) -> DatasetGroup:
     """Validate the dataset options of `args` and build the DatasetGroup (no model needed; reads every image
-    once, so a corrupt file fails here, not mid-epoch)."""
+    once, so a corrupt file fails here, not mid-epoch). `seed`: the run's seed (default --seed, else drawn)."""
     config = config or load_dataset_config(args)
-    seed = getattr(args, "seed", None)
+    seed = getattr(args, "seed", None) if seed is None else seed
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
         logger.info("no --seed: the data order uses seed %d", seed)

@@ -140,8 +140,10 @@ def load_cached_latents(info: "ImageInfo", flip: bool) -> tuple[torch.Tensor, Cr
 
 
 @torch.no_grad()
-def encode_images(vae: Any, images: list[np.ndarray], generator: torch.Generator | None = None) -> torch.Tensor:
-    """VAE latents (B, 4, h, w) float32 on the CPU of uint8 (H, W, 3) images of one size (not scaled)."""
+def encode_images(vae: Any, images: list[np.ndarray],
+                  generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """VAE latents (B, 4, h, w) float32 on the CPU of uint8 (H, W, 3) images of one size (not scaled);
+    `generator`: one for the batch or one per image."""
     from library.training_images import to_tensor
 
     param = next(vae.parameters())
@@ -176,9 +178,17 @@ def _cache_units(group: "DatasetGroup") -> list[tuple[str, bool, list]]:
 
 
 def cache_group_latents(group: "DatasetGroup", vae: Any, vae_batch_size: int = 1, to_disk: bool = False,
-                        device: str | torch.device | None = None, progress: bool = True, seed: int | None = None) -> None:
-    """Cache the latents of every image of `group` (valid disk caches are reused), batched by bucket."""
+                        device: str | torch.device | None = None, progress: bool = True, seed: int | None = None,
+                        processes: Any = None) -> None:
+    """Cache the latents of every image of `group` (valid disk caches are reused), batched by bucket.
+
+    Each image's VAE sample comes from its own generator (keyed by the seed and the image's place in the
+    group), so the latents do not depend on the batching or on the process. `processes` (accelerate's
+    PartialState) with several processes: each encodes its share and writes its files; in-memory latents are
+    then exchanged, disk files are read by all after a barrier."""
     from tqdm import tqdm
+
+    from library.distributed import STREAM_CACHE, sample_seed
 
     from library.training_images import load_training_image
 
@@ -189,17 +199,22 @@ def cache_group_latents(group: "DatasetGroup", vae: Any, vae_batch_size: int = 1
         vae.to(device)
     fingerprint = vae_fingerprint(vae)
     todo, reused = [], 0
-    for path, flip, members in _cache_units(group):
+    for index, (path, flip, members) in enumerate(_cache_units(group)):
         info = members[0][1]
         if to_disk and is_valid(path, info.bucket_reso, flip, expected_crop(info), uses_mask(info.subset), fingerprint):
             for _, m in members:
                 m.npz_path, m.latents = path, None
             reused += 1
         elif to_disk or info.latents is None:
-            todo.append((path, flip, members))
+            todo.append((path, flip, members, index))
     if reused:
         logger.info("reusing %d cached latent files", reused)
     todo.sort(key=lambda t: (t[2][0][1].bucket_reso, t[0]))
+    world = 1 if processes is None else processes.num_processes
+    everyone = todo
+    if world > 1:
+        processes.wait_for_everyone()  # every process has checked the files before any is rewritten
+        todo = todo[processes.process_index::world]
     batches: list[list] = []
     for unit in todo:
         if batches and batches[-1][-1][2][0][1].bucket_reso == unit[2][0][1].bucket_reso \
@@ -208,24 +223,36 @@ def cache_group_latents(group: "DatasetGroup", vae: Any, vae_batch_size: int = 1
         else:
             batches.append([unit])
     param = next(vae.parameters())
-    generator = torch.Generator(device=param.device).manual_seed(group.seed if seed is None else seed)
+    seed = group.seed if seed is None else seed
+    computed = {}
     for batch in tqdm(batches, desc="caching latents", disable=not progress or not batches):
-        firsts = [members[0] for _, _, members in batch]
+        firsts = [members[0] for _, _, members, _ in batch]
         loaded = [load_training_image(info, ds.config.enable_bucket, None, random_crop=False) for ds, info in firsts]
+        generators = [torch.Generator(device=param.device).manual_seed(sample_seed(seed, STREAM_CACHE, index))
+                      for *_, index in batch]
         try:
-            latents = encode_images(vae, [ld.image for ld in loaded], generator)
-            need_flip = any(flip for _, flip, _ in batch)
-            flipped = encode_images(vae, [ld.image[:, ::-1] for ld in loaded], generator) if need_flip else None
+            latents = encode_images(vae, [ld.image for ld in loaded], generators)
+            need_flip = any(flip for _, flip, _, _ in batch)
+            flipped = encode_images(vae, [ld.image[:, ::-1] for ld in loaded], generators) if need_flip else None
         except FloatingPointError as e:
             raise FloatingPointError(f"{', '.join(os.path.basename(i.path) for _, i in firsts)}: {e}") from None
-        for k, ((path, flip, members), ld) in enumerate(zip(batch, loaded)):
-            lat_f = flipped[k] if flip else None
+        for k, ((path, flip, members, index), ld) in enumerate(zip(batch, loaded)):
+            lat_f = flipped[k].clone() if flip else None
             info = members[0][1]
             if to_disk:
                 save(path, latents[k], expected_crop(info), info.bucket_reso, lat_f, ld.alpha, fingerprint)
             alpha = None if ld.alpha is None else torch.from_numpy(ld.alpha)
-            for _, m in members:
-                if to_disk:
-                    m.npz_path, m.latents = path, None
-                else:
-                    m.latents, m.latents_flipped, m.alpha_mask = latents[k].clone(), lat_f, alpha
+            computed[index] = (latents[k].clone(), lat_f, alpha)
+    if world > 1:
+        if to_disk:
+            processes.wait_for_everyone()  # every file is complete
+        else:
+            from accelerate.utils import gather_object
+
+            computed = dict(gather_object(list(computed.items())))
+    for path, _, members, index in everyone:
+        for _, m in members:
+            if to_disk:
+                m.npz_path, m.latents = path, None
+            else:
+                m.latents, m.latents_flipped, m.alpha_mask = computed[index]

@@ -3,12 +3,17 @@
 `train(args, sdxl)` is the whole of train_network.py / sdxl_train_network.py: validate, load, cache, train,
 save. Memory: frozen weights never get gradients, gradients are freed with `set_to_none`, the VAE and text
 encoders are dropped once their outputs are cached and nothing else needs them, and no model is copied.
+
+Several processes (accelerate launch / torchrun, see docs/distributed.md and library.distributed): each step's
+global batch is split across the processes, the module that runs the loss is the one DDP wraps, gradients are
+averaged over the whole global batch, and only the main process writes files.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -17,7 +22,8 @@ from typing import Any
 
 import torch
 
-from library import loss_functions, lr_schedulers, noise, optimizers, preflight, train_args, train_metadata, train_state
+from library import (distributed, loss_functions, lr_schedulers, noise, optimizers, preflight, train_args,
+                     train_metadata, train_state)
 from library.malloc_tuning import keep_freed_memory_for_reuse
 from library.precision import Precision
 from library.run_plan import RunPlan
@@ -76,6 +82,8 @@ class NetworkTrainer:
         self.samples: list[str] = []
         self.step_losses: list[float] = []  # loss of the last batch of each optimizer step
         self.interrupted = False
+        self.stop_requested = False  # several processes: Ctrl-C in any of them, agreed by all (global_loss)
+        self._interrupt: _Interrupt | None = None
         self.final_path = ""
         self.skipped_steps = 0  # optimizer steps the fp16 grad scaler skipped (not failures)
 
@@ -94,10 +102,13 @@ class NetworkTrainer:
         log_dir = None
         if args.logging_dir:
             log_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
-        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                       mixed_precision="no",  # autocast and grad scaler: self.precision
+        # Gradient accumulation is step()'s own (an epoch's last batch also ends a group, which accelerate's
+        # counter cannot know without its own data loader); the scheduler counts optimizer steps, once each.
+        self.accelerator = Accelerator(mixed_precision="no",  # autocast and grad scaler: self.precision
                                        log_with=None if log_with is None else ("all" if log_with == "all" else log_with),
-                                       project_dir=log_dir)
+                                       project_dir=log_dir, step_scheduler_with_optimizer=False,
+                                       cpu=distributed.cpu_only_multiprocess(),
+                                       kwargs_handlers=distributed.accelerator_kwargs(args))
         self.device = self.accelerator.device
         self.precision = Precision(args.mixed_precision, self.device, args.full_fp16)
         from library.performance_args import check_device_options
@@ -105,12 +116,13 @@ class NetworkTrainer:
         check_device_options(args, self.device)  # fp8, compile backend: before any model loads
         if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
             keep_freed_memory_for_reuse()
-        if args.seed is not None:
-            from accelerate.utils import set_seed
+        if not self.accelerator.is_main_process:
+            logging.getLogger("library").setLevel(logging.WARNING)  # one copy of the run's log
+        from accelerate.utils import set_seed
 
-            set_seed(args.seed)
-        self.noise_generator = torch.Generator().manual_seed(args.seed if args.seed is not None else
-                                                             int(torch.randint(0, 2**31, ()).item()))
+        stored = train_state.read_progress(args.resume).get("seed") if args.resume else None
+        self.seed = distributed.resolve_run_seed(args.seed, stored, self.accelerator)
+        set_seed(self.seed)
         self.model_dtype, self.network_dtype = weight_dtypes(args, self.device)
         # Load straight into the frozen-model precision (no fp32 copy), unless the VAE must stay fp32.
         load_dtype = torch.float32 if args.no_half_vae else self.model_dtype
@@ -119,7 +131,9 @@ class NetworkTrainer:
         self.v_param = bool(args.v_parameterization or self.components.v_parameterization)
         from library.datasets import build_dataset_group
 
-        self.dataset = build_dataset_group(args, self.components.tokenizers, self.sdxl, config=self.data_config)
+        self.dataset = build_dataset_group(args, self.components.tokenizers, self.sdxl, config=self.data_config,
+                                           seed=self.seed)
+        self.dataset.shard(self.accelerator.process_index, self.accelerator.num_processes)
         self.dataset.describe()
         if getattr(args, "debug_dataset", False):
             return
@@ -130,10 +144,7 @@ class NetworkTrainer:
         self._freeze_models()
         self.features = TrainingFeatures(self)  # EMA, validation loss, quality report (library.train_features)
         self._cache_inputs()
-        if args.seed is not None:  # the network's init and the training stream must not depend on what was cached
-            from accelerate.utils import set_seed
-
-            set_seed(args.seed)
+        set_seed(self.seed)  # the network's init must not depend on what was cached; the same in every process
         self.network, self.network_module, self.network_kwargs = create_network(args, self.components)
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
@@ -147,6 +158,9 @@ class NetworkTrainer:
 
             compile_unet(self.components.unet, args.dynamo_backend)
         self._build_optimizer()
+        # each process's own torch stream from here (element-wise network dropout); python/numpy stay shared
+        torch.manual_seed(distributed.sample_seed(self.seed, distributed.STREAM_PROCESS,
+                                                  self.accelerator.process_index))
 
     def _freeze_models(self) -> None:
         c = self.components
@@ -172,13 +186,15 @@ class NetworkTrainer:
         if getattr(args, "cache_latents", False):
             with torch.no_grad():
                 self.dataset.cache_latents(c.vae, vae_batch_size=getattr(args, "vae_batch_size", 1),
-                                           cache_to_disk=getattr(args, "cache_latents_to_disk", False))
+                                           cache_to_disk=getattr(args, "cache_latents_to_disk", False),
+                                           processes=self.accelerator.state)
         self.te_cache = None
         if getattr(args, "cache_text_encoder_outputs", False) or self._te_outputs_fixed():
             from library.te_cache import TextEncoderOutputCache
 
             self.te_cache = TextEncoderOutputCache.build(self.dataset, c, args, self.device,
-                                                         to_disk=getattr(args, "cache_text_encoder_outputs_to_disk", False))
+                                                         to_disk=getattr(args, "cache_text_encoder_outputs_to_disk", False),
+                                                         processes=self.accelerator.state)
         self.features.cache_inputs()  # the held-out validation images, while the models are loaded
         sampling = bool(args.sample_prompts and (args.sample_every_n_steps or args.sample_every_n_epochs
                                                   or args.sample_at_first))
@@ -226,12 +242,20 @@ class NetworkTrainer:
         self.plan = RunPlan.resolve(args, len(self.dataset), self.accelerator.num_processes)
         self.dataset.set_max_train_steps(self.plan.max_train_steps)  # token warmup fractions
         name = result.scheduler_override or args.lr_scheduler_type or args.lr_scheduler
-        scheduler = lr_schedulers.build_scheduler(
+        scheduler = lr_schedulers.build_scheduler(  # in optimizer steps, the same for any number of processes
             name, result.optimizer, self.plan.lr_scheduler_steps,
             self.plan.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_args,
             initial_lr=result.initial_lr)
-        self.network, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.network, result.optimizer,
+        # The module that runs (and that DDP wraps with several processes): see library.distributed.NetworkForward.
+        self.forward = distributed.NetworkForward(self.network, self.loss)
+        self.forward, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.forward, result.optimizer,
                                                                                    scheduler)
+        if isinstance(self.forward, torch.nn.parallel.DistributedDataParallel):
+            ddp = self.forward
+            logger.info("DistributedDataParallel over %d processes (%s): find_unused_parameters=%s "
+                        "gradient_as_bucket_view=%s static_graph=%s", self.accelerator.num_processes,
+                        self.accelerator.state.backend, ddp.find_unused_parameters, ddp.gradient_as_bucket_view,
+                        ddp.static_graph)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.fused_backward = None
         if getattr(args, "fused_backward_pass", False):  # updates inside backward (library.fused_backward)
@@ -273,16 +297,17 @@ class NetworkTrainer:
             return encode_tokens(c.text_encoders, ids, args.clip_skip, self.sdxl, weights, tokenizers=c.tokenizers,
                                  max_token_length=args.max_token_length)
 
-    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+    def latents(self, batch: dict[str, Any], generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """The batch's latents scaled for the U-Net: cached ones (unscaled in batches and .npz files, as
-        sd-scripts) or encoded now; this is the one place the VAE's scaling factor is applied."""
+        sd-scripts) or encoded now (sampled with `generators`, one per sample; the VAE in its own dtype, no
+        autocast); this is the one place the VAE's scaling factor is applied."""
         if batch.get("latents") is not None:
             latents = batch["latents"].to(self.device, dtype=torch.float32)
         else:
             vae = self.components.vae
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 images = batch["images"].to(self.device, dtype=next(vae.parameters()).dtype)
-                latents = vae.encode(images).latent_dist.sample()
+                latents = vae.encode(images).latent_dist.sample(generator=generators)
             if not torch.isfinite(latents).all():
                 raise TrainingStopped("the VAE produced NaN latents (use --no_half_vae)")
         return latents.float() * self.latent_scale
@@ -292,10 +317,14 @@ class NetworkTrainer:
         return torch.cat([torch.as_tensor(p).reshape(-1, 2) for p in parts], dim=1).to(self.device, torch.float32)
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's mean loss. Each sample draws its VAE sample, noise and timestep from its own generator
+        (`noise_seeds`, library.distributed), so a sample's loss does not depend on its batch or process."""
         args = self.args
-        latents = self.latents(batch)
+        seeds = batch.get("noise_seeds")
+        generators = None if seeds is None else distributed.torch_generators(seeds)
+        latents = self.latents(batch, generators)
         noise_t, noisy, timesteps = noise.sample_noise_and_timesteps(
-            latents, self.noise_scheduler, noise.NoiseSettings.from_args(args), self.noise_generator)
+            latents, self.noise_scheduler, noise.NoiseSettings.from_args(args), generators)
         return self.prediction_loss(batch, latents, noise_t, noisy, timesteps.to(self.device))
 
     def prediction_loss(self, batch: dict[str, Any], latents: torch.Tensor, noise_t: torch.Tensor,
@@ -330,9 +359,11 @@ class NetworkTrainer:
         namer = OutputNamer(args.output_dir, args.output_name, args.save_model_as)
         progress = train_state.Progress()
         if args.resume:
-            progress = train_state.load_state(args.resume, network=self.accelerator.unwrap_model(self.network),
-                                              optimizer=self.optimizer, scheduler=self.lr_scheduler,
-                                              noise_generator=self.noise_generator, scaler=self.precision.scaler)
+            progress = train_state.load_state(args.resume, network=self.network, optimizer=self.optimizer,
+                                              scheduler=self.lr_scheduler, scaler=self.precision.scaler,
+                                              process=self.accelerator.process_index,
+                                              num_processes=self.accelerator.num_processes,
+                                              batches_per_epoch=len(self.dataset))
             logger.info("resumed from %s at epoch %d, step %d", args.resume, progress.epoch + 1, progress.global_step)
         self.progress = progress
         self.namer = namer
@@ -358,9 +389,10 @@ class NetworkTrainer:
         if args.sample_at_first and progress.global_step == 0:
             self.sample(0, None)
         with _Interrupt() as interrupt:
-            self._loop(progress, interrupt)
+            self._interrupt = interrupt
+            self._loop(progress)
         self.bar.close()
-        if interrupt.requested:
+        if self.interrupted:
             return self.last_save or ""
         path = self.save(namer.final(), progress)
         if args.save_state or args.save_state_on_train_end:
@@ -369,7 +401,7 @@ class NetworkTrainer:
         self.accelerator.end_training()
         return path
 
-    def _loop(self, progress: train_state.Progress, interrupt: _Interrupt) -> None:
+    def _loop(self, progress: train_state.Progress) -> None:
         args = self.args
         plan = self.plan
         for epoch in range(progress.epoch, plan.num_epochs):
@@ -384,7 +416,7 @@ class NetworkTrainer:
                 if not synced:
                     continue
                 self.after_step(progress)
-                if interrupt.requested:
+                if self.stop_agreed():
                     self.save_interrupted(progress)
                     return
                 if progress.global_step >= plan.max_train_steps:
@@ -401,17 +433,25 @@ class NetworkTrainer:
         args = self.args
         position = progress.batches_in_epoch + 1
         sync = position % args.gradient_accumulation_steps == 0 or position == len(self.dataset)
-        self.accelerator.gradient_state._set_sync_gradients(sync)  # as accumulate() does, but epochs end groups
-        net = self.accelerator.unwrap_model(self.network)
-        if hasattr(net, "on_step_start"):
-            net.on_step_start(self.components.text_encoder, self.components.unet)
-        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.network):
-            loss = self.loss(batch)
-            if not torch.isfinite(loss):
-                self.stop_on_nonfinite_loss(loss.item(), progress)
+        if hasattr(self.network, "on_step_start"):  # its draws (DyLoRA's rank) are the same in every process
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(distributed.sample_seed(
+                    self.seed, distributed.STREAM_STEP, progress.epoch, progress.batches_in_epoch))
+                self.network.on_step_start(self.components.text_encoder, self.components.unet)
+        # DDP with static_graph fails inside no_sync (torch 2.13: reducer "expect_autograd_hooks_" assert), so
+        # --ddp_static_graph all-reduces every accumulated batch: the same sums, more communication
+        skip_sync = not sync and not getattr(args, "ddp_static_graph", False)
+        with self.accelerator.no_sync(self.forward) if skip_sync else contextlib.nullcontext():
+            loss = self.forward(batch)  # this process's batch mean
+            rows = int(batch["loss_weights"].shape[0]) if "loss_weights" in batch else 1
+            scale = distributed.loss_scale(rows, batch.get("global_batch_size", rows), self.accelerator.num_processes)
+            mean_loss = self.global_loss(loss, scale)  # all-reduced: every process stops together
+            if not math.isfinite(mean_loss):
+                self.stop_on_nonfinite_loss(mean_loss, progress)
             if self.fused_backward is not None:
                 self.fused_backward.sync = sync  # the optimizer steps inside backward on the group's last batch
-            self.accelerator.backward(self.precision.scale(loss))  # divides by gradient_accumulation_steps
+            # DDP averages over processes: scaled, that is the mean over the global batch
+            self.accelerator.backward(self.precision.scale(loss * scale / args.gradient_accumulation_steps))
         if sync:
             if args.max_grad_norm:
                 self.precision.unscale(self.optimizer)
@@ -423,10 +463,27 @@ class NetworkTrainer:
                 logger.info("step %d: the fp16 grad scaler skipped the update (inf/NaN gradients; %d so far)",
                             progress.global_step + 1, self.skipped_steps)
             self.optimizer.zero_grad(set_to_none=True)
-        self.loss_window.append(loss.item())
+        self.loss_window.append(mean_loss)
         if len(self.loss_window) > len(self.dataset):
             self.loss_window.popleft()
         return sync
+
+    def global_loss(self, loss: torch.Tensor, scale: float) -> float:
+        """The global batch's mean loss (the same number in every process), and the processes agree on Ctrl-C:
+        one all-reduce of two numbers per batch with several processes, none with one."""
+        value = loss.detach().float() * scale / self.accelerator.num_processes
+        if self.accelerator.num_processes == 1:
+            return value.item()
+        interrupted = self._interrupt is not None and self._interrupt.requested
+        both = self.accelerator.reduce(torch.stack([value, value.new_tensor(float(interrupted))]), "sum")
+        self.stop_requested = bool(both[1].item() > 0)
+        return both[0].item()
+
+    def stop_agreed(self) -> bool:
+        """Ctrl-C: one process looks at its flag; several stop at the batch where all saw one (global_loss)."""
+        if self.accelerator.num_processes == 1:
+            return self._interrupt is not None and self._interrupt.requested
+        return self.stop_requested
 
     def after_step(self, progress: train_state.Progress) -> None:
         args = self.args
@@ -485,7 +542,7 @@ class NetworkTrainer:
             num_batches_per_epoch=len(self.dataset), num_epochs=self.plan.num_epochs,
             max_train_steps=self.plan.max_train_steps,
             optimizer_text=f"{self.optimizer_result.name}({self.optimizer_result.args_text})",
-            network_args=self.network_kwargs, started_at=time.time())
+            network_args=self.network_kwargs, started_at=time.time(), seed=self.seed)
 
     def save(self, path: str, progress: train_state.Progress) -> str:
         meta = train_metadata.at_save(self.metadata, progress.global_step, progress.epoch, self.args.no_metadata)
@@ -496,18 +553,25 @@ class NetworkTrainer:
             path = self.features.save_network(lambda p: save_network(self.accelerator.unwrap_model(self.network), p,
                                                                      dtype, meta), path, progress)
             logger.info("saved %s", path)
+        self.accelerator.wait_for_everyone()  # no process goes on (or exits) before the file is complete
         self.last_save = path
         return path
 
     def save_state(self, folder: str, progress: train_state.Progress) -> None:
         self._refuse_nonfinite([self.accelerator.unwrap_model(self.network).state_dict(),
                                 self.optimizer.state_dict()["state"]], None, folder, progress)
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([train_state.rng_state(None)])  # every process's RNG streams
         if self.accelerator.is_main_process:
             folder = train_state.save_state(folder, network=self.accelerator.unwrap_model(self.network),
                                             optimizer=self.optimizer, scheduler=self.lr_scheduler, progress=progress,
-                                            noise_generator=self.noise_generator, scaler=self.precision.scaler)
+                                            scaler=self.precision.scaler, rng_states=rng_states,
+                                            extra={"seed": self.seed, "num_processes": self.accelerator.num_processes,
+                                                   "batches_per_epoch": len(self.dataset)})
             self.features.save_state(folder)
             logger.info("saved training state %s", folder)
+        self.accelerator.wait_for_everyone()
 
     def _refuse_nonfinite(self, tensors: Any, dtype: torch.dtype | None, path: str,
                           progress: train_state.Progress) -> None:
@@ -544,7 +608,10 @@ class NetworkTrainer:
 
     def sample(self, step: int, epoch: int | None) -> None:
         args = self.args
-        if not args.sample_prompts or not self.accelerator.is_main_process:
+        if not args.sample_prompts:
+            return
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
             return
         from library.sampling import sample_images
 
@@ -556,6 +623,7 @@ class NetworkTrainer:
                                   clip_skip=args.clip_skip, autocast_dtype=autocast,
                                   networks=[self.accelerator.unwrap_model(self.network)])
         self.samples.extend(paths)
+        self.accelerator.wait_for_everyone()
 
 
 def _group_names(groups: list[dict[str, Any]], train_te: bool, train_unet: bool) -> list[str]:
@@ -610,7 +678,8 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
         trainer = train(args, sdxl)
     except (ValueError, FileNotFoundError, FloatingPointError, TrainingStopped) as e:
         raise SystemExit(f"error: {e}") from None
-    if trainer.final_path:
+    reports = getattr(trainer, "accelerator", None) is None or trainer.accelerator.is_main_process
+    if trainer.final_path and reports:
         print(f"LoRA saved: {os.path.abspath(trainer.final_path)}")
     if trainer.samples:
         print(f"sample images: {os.path.abspath(os.path.dirname(trainer.samples[0]))}")

@@ -6,7 +6,7 @@ estimation weights. Every random draw takes an optional `torch.Generator`, so a 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -78,10 +78,28 @@ def pyramid_noise_like(noise: torch.Tensor, iterations: int = 6, discount: float
 
 
 def sample_noise_and_timesteps(latents: torch.Tensor, noise_scheduler: Any, settings: NoiseSettings,
-                               generator: torch.Generator | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noise, noisy_latents, timesteps) for one batch, with every configured noise option."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
+                               generator: torch.Generator | list[torch.Generator] | None = None,
+                               noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, noisy_latents, timesteps) for one batch, with every configured noise option.
+
+    `generator` may be a list, one per sample: each sample's draws (and the multires renormalisation) are then
+    its own, independent of the batch it is in (library.distributed). Immiscible noise is the exception: it
+    assigns the samples' first draws across the batch (this process's share of it), then each sample goes on
+    with its own generator. `noise`: the base noise, already drawn."""
+    if isinstance(generator, list):
+        base = [None] * len(generator)
+        if settings.immiscible_noise:
+            from library.immiscible import assign_noise
+
+            draws = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in generator]).to(latents)
+            base = list(assign_noise(latents, draws, settings.immiscible_noise, generator[0]))
+            settings = replace(settings, immiscible_noise=None)
+        rows = [sample_noise_and_timesteps(latents[i:i + 1], noise_scheduler, settings, g,
+                                           None if base[i] is None else base[i][None])
+                for i, g in enumerate(generator)]
+        return tuple(torch.cat(parts) for parts in zip(*rows))  # type: ignore[return-value]
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
     if settings.immiscible_noise:  # library.immiscible: noise assigned to the nearest latents
         from library.immiscible import assign_noise
 

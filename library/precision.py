@@ -52,7 +52,11 @@ class Precision:
 
 
 def allow_fp16_gradient_unscale(scaler: Any) -> None:
-    """--full_fp16: let the grad scaler unscale fp16 gradients (torch refuses by default)."""
+    """--full_fp16: let the grad scaler unscale fp16 gradients (torch refuses by default).
+
+    The one private call on the training path, on purpose: torch.amp.GradScaler has no public switch for fp16
+    gradients (its `unscale_` passes allow_fp16=False to `_unscale_grads_`); the public alternatives are fp32
+    master weights (what --full_fp16 opts out of) or a scaler of our own. sd-scripts patches the same method."""
     original = scaler._unscale_grads_
 
     def unscale(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ANN001

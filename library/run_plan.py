@@ -18,20 +18,20 @@ from library.lr_schedulers import warmup_steps
 
 @dataclass(frozen=True)
 class RunPlan:
-    num_processes: int  # world size (accelerator.num_processes); each process takes its share of the batches
-    batches_per_epoch: int  # dataset batches of one epoch, all processes together
+    num_processes: int  # world size (accelerator.num_processes); each process takes its share of every batch
+    batches_per_epoch: int  # global batches of one epoch (each split across the processes: library.distributed)
     gradient_accumulation_steps: int
-    steps_per_epoch: int  # optimizer steps per epoch (per process, as sd-scripts)
+    steps_per_epoch: int  # optimizer steps per epoch, the same for any number of processes
     max_train_steps: int  # optimizer steps of the run (`--max_train_epochs` x steps_per_epoch when given)
     num_epochs: int
-    lr_scheduler_steps: int  # steps the lr scheduler counts: max_train_steps x num_processes (as sd-scripts)
+    lr_scheduler_steps: int  # steps the lr scheduler counts: one per optimizer step, for any number of processes
     lr_warmup_steps: int  # in scheduler steps; `--lr_warmup_steps` below 1 is a share of lr_scheduler_steps
     save_every_n_epochs: int | None  # `--save_every_n_epochs`, or num_epochs // `--save_n_epoch_ratio` (>= 1)
 
     @classmethod
     def resolve(cls, args: Any, num_batches: int, num_processes: int = 1) -> "RunPlan":
         accumulation = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
-        steps_per_epoch = max(1, math.ceil(num_batches / num_processes / accumulation))
+        steps_per_epoch = max(1, math.ceil(num_batches / accumulation))
         epochs_given = getattr(args, "max_train_epochs", None)
         max_steps = epochs_given * steps_per_epoch if epochs_given else int(args.max_train_steps)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -39,7 +39,7 @@ class RunPlan:
         ratio = getattr(args, "save_n_epoch_ratio", None)
         if ratio:
             save_every = max(1, num_epochs // ratio)
-        scheduler_steps = max_steps * num_processes
+        scheduler_steps = max_steps
         return cls(num_processes=num_processes, batches_per_epoch=num_batches,
                    gradient_accumulation_steps=accumulation, steps_per_epoch=steps_per_epoch,
                    max_train_steps=max_steps, num_epochs=num_epochs, lr_scheduler_steps=scheduler_steps,

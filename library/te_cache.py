@@ -55,25 +55,44 @@ class TextEncoderOutputCache:
 
     @classmethod
     def build(cls, dataset: Any, components: Any, args: argparse.Namespace, device: torch.device,
-              to_disk: bool = False) -> "TextEncoderOutputCache":
-        """Encode every caption of `dataset` once (reading / writing the disk cache when `to_disk`)."""
+              to_disk: bool = False, processes: Any = None, chunk: int = 8) -> "TextEncoderOutputCache":
+        """Encode every caption of `dataset` once (reading / writing the disk cache when `to_disk`).
+
+        `processes` (accelerate's PartialState) with several processes: each encodes its share of the distinct
+        captions; then the disk files (written by their encoder) are read by all after a barrier, or the
+        in-memory outputs are exchanged, so every process holds every caption (its batches change each epoch)."""
         from tqdm import tqdm
 
         cache = cls()
         tes = components.text_encoders
         stamp = fingerprint(tes, args.clip_skip, args.max_token_length)
-        for index in tqdm(range(len(dataset)), desc="caching text encoder outputs", leave=False):
-            batch = dataset[index]
-            ids = batch["input_ids"]
-            paths = batch.get("image_paths") or [None] * ids[0].shape[0]
-            todo = [r for r in range(ids[0].shape[0]) if _row_key(ids, r) not in cache.entries]
-            if to_disk:
-                todo = [r for r in todo if not cache._load_disk(paths[r], ids, r, stamp)]
-            if todo:
-                cache._compute(components, args, ids, todo, device, paths if to_disk else None, stamp)
+        rows = _distinct_rows(dataset)
+        world = 1 if processes is None else processes.num_processes
+        keys = list(rows)[processes.process_index::world] if world > 1 else list(rows)
+        todo = [k for k in keys if not (to_disk and cache._load_disk(rows[k][1], rows[k][0], 0, stamp))]
+        for start in tqdm(range(0, len(todo), chunk), desc="caching text encoder outputs", leave=False):
+            part = todo[start:start + chunk]
+            ids = [torch.cat([rows[k][0][t] for k in part]) for t in range(len(rows[part[0]][0]))]
+            cache._compute(components, args, ids, list(range(len(part))), device,
+                           [rows[k][1] for k in part] if to_disk else None, stamp)
+        if world > 1:
+            cache._share(rows, processes, to_disk, stamp)
         logger.info("text encoder outputs: %d captions (%d computed, %d from disk)", len(cache.entries),
                     cache.computed, cache.from_disk)
         return cache
+
+    def _share(self, rows: dict[bytes, tuple[list[torch.Tensor], str | None]], processes: Any, to_disk: bool,
+               stamp: str) -> None:
+        """Give every process every caption's outputs (the others' share: from their files, or gathered)."""
+        if to_disk:
+            processes.wait_for_everyone()  # every file is complete
+            for key, (ids, path) in rows.items():
+                if key not in self.entries and not self._load_disk(path, ids, 0, stamp):
+                    raise RuntimeError(f"{cache_path(path or '?')}: another process did not write this cache file")
+            return
+        from accelerate.utils import gather_object
+
+        self.entries.update(gather_object(list(self.entries.items())))
 
     def _load_disk(self, image_path: str | None, ids: list[torch.Tensor], row: int, stamp: str) -> bool:
         if image_path is None or not os.path.isfile(cache_path(image_path)):
@@ -118,6 +137,23 @@ class TextEncoderOutputCache:
         hidden = torch.stack([h for h, _ in found]).to(device, dtype)
         pooled = torch.stack([p for _, p in found]).to(device, dtype) if found[0][1] is not None else None
         return hidden, pooled
+
+
+def _distinct_rows(dataset: Any) -> dict[bytes, tuple[list[torch.Tensor], str | None]]:
+    """Every distinct caption (token ids) of the dataset, in order: key -> (ids of one row per tokenizer, the
+    first image with it). All rows of the global batches, also with several processes."""
+    rows: dict[bytes, tuple[list[torch.Tensor], str | None]] = {}
+    whole, dataset.whole_batches = getattr(dataset, "whole_batches", False), True
+    try:
+        for index in range(len(dataset)):
+            batch = dataset[index]
+            ids = batch["input_ids"]
+            paths = batch.get("image_paths") or [None] * ids[0].shape[0]
+            for r in range(ids[0].shape[0]):
+                rows.setdefault(_row_key(ids, r), ([t[r:r + 1] for t in ids], paths[r]))
+    finally:
+        dataset.whole_batches = whole
+    return rows
 
 
 def _write(path: str, hidden: torch.Tensor, pooled: torch.Tensor | None, ids: np.ndarray, stamp: str) -> None:

@@ -107,6 +107,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--min_timestep", type=int, default=None, help="lowest timestep sampled (default 0)")
     _add(g, "--max_timestep", type=int, default=None, help="timestep bound, exclusive (default 1000)")
     _add(g, "--lowram", action="store_true", help="accepted for compatibility (loading is already streamed)")
+    _add(g, "--ddp_timeout", type=int, default=None,
+         help="several processes: minutes a process waits for the others (default: torch's, 10 or 30)")
+    _add(g, "--ddp_gradient_as_bucket_view", action="store_true",
+         help="several processes: gradients are views into DDP's all-reduce buckets (less memory)")
+    _add(g, "--ddp_static_graph", action="store_true",
+         help="several processes: DDP may assume the same graph every step (not with DyLoRA or module_dropout)")
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -335,6 +341,7 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
           "--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     _need(args.max_train_steps > 0 or (args.max_train_epochs or 0) > 0, "--max_train_steps must be > 0")
     _need(args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1")
+    _need(args.ddp_timeout is None or args.ddp_timeout > 0, "--ddp_timeout must be a number of minutes > 0")
     _need(args.clip_skip is None or args.clip_skip >= 1, "--clip_skip must be >= 1")
     if args.full_fp16:
         _need(args.mixed_precision == "fp16", "--full_fp16 needs --mixed_precision fp16")

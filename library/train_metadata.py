@@ -92,9 +92,10 @@ def dataset_metadata(group: Any) -> dict[str, Any]:
 def training_metadata(args: argparse.Namespace, *, arch: str, v_parameterization: bool, dataset: Any,
                       num_batches_per_epoch: int, num_epochs: int, optimizer_text: str,
                       network_args: dict[str, Any], started_at: float,
-                      max_train_steps: int | None = None) -> dict[str, str]:
+                      max_train_steps: int | None = None, seed: int | None = None) -> dict[str, str]:
     """The metadata fixed at the start of training (steps and epoch are added at each save).
-    `max_train_steps`: the run's length from its plan (`--max_train_epochs` converted), else the argument."""
+    `max_train_steps`: the run's length from its plan (`--max_train_epochs` converted), else the argument;
+    `seed`: the run's seed when --seed was not given (drawn)."""
     meta: dict[str, Any] = {
         "ss_session_id": str(uuid.uuid4().int & (2**31 - 1)),
         "ss_training_started_at": started_at,
@@ -123,7 +124,7 @@ def training_metadata(args: argparse.Namespace, *, arch: str, v_parameterization
         "ss_clip_skip": args.clip_skip,
         "ss_max_token_length": args.max_token_length,
         "ss_cache_latents": bool(getattr(args, "cache_latents", False)),
-        "ss_seed": args.seed,
+        "ss_seed": args.seed if seed is None else seed,
         "ss_lowram": args.lowram,
         "ss_noise_offset": args.noise_offset,
         "ss_adaptive_noise_scale": args.adaptive_noise_scale,

@@ -6,10 +6,16 @@ epoch). It is written into a temporary folder and renamed (an old folder of the 
 first and deleted last), so a crash never leaves a half state, nor no state. Unlike
 sd-scripts, the step counter, epoch and data position are restored: a resumed run takes the same next batch
 with the same learning rate as an uninterrupted one.
+
+Several processes: the state holds every process's RNG streams (`rng_states`, one per process) and, in
+progress.json, the run's seed, the number of processes and the batches per epoch. Resuming with the same
+number of processes is exact; with another number the data position is mapped to the new epoch length and the
+processes' own streams (network dropout) cannot continue exactly (a warning says so).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,6 +27,8 @@ import numpy as np
 import torch
 
 from library.file_io import replace_dir, save_with_fallback, temp_dir_beside
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 PROGRESS_FILE = "progress.json"
@@ -56,15 +64,16 @@ def set_rng_state(state: dict[str, Any], noise_generator: torch.Generator | None
 
 def save_state(folder: str | os.PathLike, *, network: torch.nn.Module, optimizer: Any, scheduler: Any,
                progress: Progress, noise_generator: torch.Generator | None = None, scaler: Any = None,
-               extra: dict[str, Any] | None = None) -> str:
+               extra: dict[str, Any] | None = None, rng_states: list[dict[str, Any]] | None = None) -> str:
     """Write the state folder atomically (temporary folder beside it, then rename); returns its path (beside
-    the output folder when that is full or not writable: `file_io.save_with_fallback`)."""
+    the output folder when that is full or not writable: `file_io.save_with_fallback`).
+    `rng_states`: every process's `rng_state()` (default: this process's)."""
     payload = {
         "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": _rng_to_saveable(rng_state(noise_generator)),
+        "rng": [_rng_to_saveable(r) for r in (rng_states or [rng_state(noise_generator)])],
     }
     progress_text = json.dumps({**asdict(progress), **(extra or {})}, indent=2)
 
@@ -131,8 +140,10 @@ def read_state(folder: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
 
 
 def load_state(folder: str | os.PathLike, *, network: torch.nn.Module, optimizer: Any, scheduler: Any,
-               noise_generator: torch.Generator | None = None, scaler: Any = None) -> Progress:
-    """Restore everything `save_state` wrote into the given live objects; returns the progress."""
+               noise_generator: torch.Generator | None = None, scaler: Any = None, process: int = 0,
+               num_processes: int = 1, batches_per_epoch: int | None = None) -> Progress:
+    """Restore everything `save_state` wrote into the given live objects (this `process`'s RNG streams);
+    returns the progress, its data position mapped to `batches_per_epoch` if the number of processes changed."""
     info = read_progress(folder)
     payload = read_state(folder)
     try:
@@ -148,5 +159,18 @@ def load_state(folder: str | os.PathLike, *, network: torch.nn.Module, optimizer
         scheduler.load_state_dict(payload["scheduler"])
     if scaler is not None and payload.get("scaler") is not None:
         scaler.load_state_dict(payload["scaler"])
-    set_rng_state(_rng_from_saved(payload["rng"]), noise_generator)
-    return Progress(info["epoch"], info["global_step"], info["batches_in_epoch"])
+    saved = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
+    set_rng_state(_rng_from_saved(saved[process % len(saved)]), noise_generator)
+    progress = Progress(info["epoch"], info["global_step"], info["batches_in_epoch"])
+    saved_processes = int(info.get("num_processes", 1))
+    if saved_processes != num_processes:
+        old_len = info.get("batches_per_epoch")
+        if batches_per_epoch and old_len:
+            progress.batches_in_epoch = min(batches_per_epoch, round(progress.batches_in_epoch * batches_per_epoch
+                                                                     / old_len))
+        logger.warning("--resume %s: saved by %d processes, resumed by %d: the global batch changed, so the rest "
+                       "of epoch %d is cut anew from batch %d on (some of its samples may be seen twice or not at "
+                       "all) and the processes' own random streams (network dropout) restart; the result is not "
+                       "the one an uninterrupted run would give", folder, saved_processes, num_processes,
+                       progress.epoch + 1, progress.batches_in_epoch)
+    return progress

@@ -26,8 +26,9 @@ def test_epochs_become_steps_before_anything_derived_from_the_length():
 def test_accumulation_processes_and_step_counts():
     plan = RunPlan.resolve(_args(max_train_steps=10, gradient_accumulation_steps=2, lr_warmup_steps=0.1,
                                  save_every_n_epochs=2), num_batches=5, num_processes=2)
-    assert plan.steps_per_epoch == 2 and plan.num_epochs == 5 and plan.num_processes == 2
-    assert plan.lr_scheduler_steps == 20 and plan.lr_warmup_steps == 2 and plan.save_every_n_epochs == 2
+    # 5 global batches (each split across the 2 processes), 2 per optimizer step: 3 steps per epoch
+    assert plan.steps_per_epoch == 3 and plan.num_epochs == 4 and plan.num_processes == 2
+    assert plan.lr_scheduler_steps == 10 and plan.lr_warmup_steps == 1 and plan.save_every_n_epochs == 2
     assert RunPlan.resolve(_args(lr_warmup_steps=7), 4).lr_warmup_steps == 7
 
 

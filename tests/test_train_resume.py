@@ -78,3 +78,22 @@ def test_cuda_rng_state_is_saved_and_restored(tmp_path):
     torch.cuda.manual_seed_all(99)
     train_state.load_state(tmp_path / "s", network=net, optimizer=opt, scheduler=None)
     assert torch.equal(torch.randn(8, device="cuda"), expected)
+def test_resume_without_seed_uses_the_seed_the_run_drew(setup, tmp_path):
+    """No --seed: the drawn seed is stored in the state and the resumed run continues the same data order,
+    noise and augmentations (issue 13.5)."""
+    model, data, _ = setup
+
+    def no_seed(out, *extra):
+        argv = base_args(model, data, out, "--max_train_steps", "7", "--save_state", "--noise_offset", "0.05", *extra)
+        del argv[argv.index("--seed"):argv.index("--seed") + 2]
+        return argv
+
+    full = train(no_seed(tmp_path / "full", "--save_every_n_steps", "4"))
+    state = tmp_path / "full" / "lora-step00000004-state"
+    seed = json.loads((state / "progress.json").read_text())["seed"]
+    resumed = train(no_seed(tmp_path / "resumed", "--resume", str(state)))
+    assert resumed.seed == seed == full.seed
+    assert resumed.step_losses == pytest.approx(full.step_losses[4:], rel=1e-6, abs=1e-7)
+    final, weights = (load_state_dict(tmp_path / d / "lora.safetensors") for d in ("full", "resumed"))
+    for key, value in final.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)

@@ -26,11 +26,10 @@ def fixed_loss(trainer, multiplier: float, seed: int = 7) -> float:
     trainer.dataset.set_epoch(1)
     net = trainer.accelerator.unwrap_model(trainer.network)
     net.set_multiplier(multiplier)
-    state = trainer.noise_generator.get_state()
-    trainer.noise_generator.manual_seed(seed)
+    batch = trainer.dataset[0]
+    batch["noise_seeds"] = torch.full_like(batch["noise_seeds"], seed)  # each sample's noise and timestep
     with torch.no_grad():
-        loss = trainer.loss(trainer.dataset[0]).item()
-    trainer.noise_generator.set_state(state)
+        loss = trainer.loss(batch).item()
     net.set_multiplier(1.0)
     return loss
 
