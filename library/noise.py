@@ -94,10 +94,16 @@ def sample_noise_and_timesteps(latents: torch.Tensor, noise_scheduler: Any, sett
             draws = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in generator]).to(latents)
             base = list(assign_noise(latents, draws, settings.immiscible_noise, generator[0]))
             settings = replace(settings, immiscible_noise=None)
-        rows = [sample_noise_and_timesteps(latents[i:i + 1], noise_scheduler, settings, g,
-                                           None if base[i] is None else base[i][None])
+        rows = [_sample_one(latents[i:i + 1], noise_scheduler, settings, g, None if base[i] is None else base[i][None])
                 for i, g in enumerate(generator)]
         return tuple(torch.cat(parts) for parts in zip(*rows))  # type: ignore[return-value]
+    return _sample_one(latents, noise_scheduler, settings, generator, noise)
+
+
+def _sample_one(latents: torch.Tensor, noise_scheduler: Any, settings: NoiseSettings,
+                generator: torch.Generator | None, noise: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sample_noise_and_timesteps with one generator for the whole batch."""
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator).to(latents)
     if settings.immiscible_noise:  # library.immiscible: noise assigned to the nearest latents

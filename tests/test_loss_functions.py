@@ -94,6 +94,29 @@ def test_immiscible_assignment_is_the_minimum_total_distance_and_k_equal_b_permu
     torch.testing.assert_close(a[0], b[0])  # seeded: reproducible
 
 
+def test_immiscible_with_per_sample_generators_assigns_across_the_batch():
+    """The trainer's path (one generator per sample, library.distributed): the samples' first draws plus the
+    extra candidates are assigned across the batch at minimal total distance, then each sample goes on alone."""
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(3, 4, 4, 4, generator=g) * 3
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(3)]
+
+    plain = noise.sample_noise_and_timesteps(latents, SCHED, noise.NoiseSettings(), gens())
+    mixed = noise.sample_noise_and_timesteps(latents, SCHED, noise.NoiseSettings(immiscible_noise=6), gens())
+    own = torch.cat([torch.randn((1, 4, 4, 4), generator=gen) for gen in gens()])
+    extra_gen = gens()[0]
+    torch.randn((1, 4, 4, 4), generator=extra_gen)
+    candidates = torch.cat([own, torch.randn((3, 4, 4, 4), generator=extra_gen)])
+    expected = candidates[assignment(latents, candidates)]
+    torch.testing.assert_close(mixed[0], expected)
+    total = lambda n: float((n - latents).flatten(1).norm(dim=1).sum())  # noqa: E731
+    assert total(mixed[0]) < total(plain[0])
+    # timesteps: each sample's own stream, unchanged by the assignment (the first also drew the extra candidates)
+    assert torch.equal(mixed[2][1:], plain[2][1:])
+
+
 def test_training_with_huber_of_huge_c_follows_l2_and_smooth_l1_differs(tmp_path):
     from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
 
