@@ -133,7 +133,7 @@ def lokr_product(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         w2 = parts["lokr_w2_a"] @ parts["lokr_w2_b"].reshape(parts["lokr_w2_b"].shape[0], -1)
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
-    return torch.kron(w1, w2)
+    return torch.kron(w1, w2.contiguous())
 
 
 PRODUCTS = {"lora": lora_product, "loha": loha_product, "lokr": lokr_product}

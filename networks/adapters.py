@@ -54,7 +54,10 @@ class AdapterModule(torch.nn.Module):
         for key, shape in shapes.items():
             if key in am.COMMON_KEYS:
                 continue
-            self.register_parameter(key, torch.nn.Parameter(torch.zeros(shape)))
+            owner, _, param = key.rpartition(".")  # `lora_mid.weight` of a LoCon-CP file: a child holds it
+            if owner and not hasattr(self, owner):
+                self.add_module(owner, torch.nn.Module())
+            (getattr(self, owner) if owner else self).register_parameter(param, torch.nn.Parameter(torch.zeros(shape)))
         if shapes is not None and "dora_scale" in shapes:
             dora_wd = True
         if dora_wd:  # magnitude initialised to the layer's own norms: a fresh module changes nothing
@@ -83,7 +86,7 @@ class AdapterModule(torch.nn.Module):
         return self._org[0]
 
     def parts(self) -> dict[str, torch.Tensor]:
-        parts = dict(self.named_parameters(recurse=False))
+        parts = dict(self.named_parameters())
         parts["alpha"] = self.alpha
         return parts
 

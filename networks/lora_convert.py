@@ -1,6 +1,6 @@
 """Key layouts of LoRA files written by other tools, read under kohya names; and the script that converts them.
 
-    python networks/lora_convert.py --model peft_lora.safetensors --save_to kohya_lora.safetensors
+    python networks/lora_convert.py --model peft_lora.safetensors --save_to kohya_lora.safetensors [--sdxl]
 
 Layouts read (detected from the keys; every tool here reads them through `KeyMap` / `convert_state_dict`):
 - kohya / LyCORIS: `lora_unet_<path>.<part>`, `lora_te[12]_<path>.<part>` (parts: `lora_down.weight`,
@@ -94,8 +94,11 @@ class KeyMap:
     layout: str = "kohya"
 
     @classmethod
-    def for_keys(cls, keys: Sequence[str], path: str | os.PathLike = "<weights>") -> "KeyMap":
-        sdxl = any(k.startswith(("text_encoder_2.", "text_encoders.clip_g.", "lora_te2_")) for k in keys)
+    def for_keys(cls, keys: Sequence[str], path: str | os.PathLike = "<weights>", sdxl: bool | None = None) -> "KeyMap":
+        """`sdxl` (None: guessed from the keys, e.g. `text_encoder_2.`) decides `lora_te1` vs `lora_te` names."""
+        if sdxl is None:
+            sdxl = any(k.startswith(("text_encoder_2.", "text_encoders.clip_g.", "lora_te2_")) or ".add_embedding." in k
+                       or ".label_emb." in k for k in keys)
         result = cls()
         layouts = set()
         for key in keys:
@@ -122,11 +125,12 @@ class KeyMap:
         return f.shape(self.source[key])
 
 
-def convert_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<weights>") -> dict[str, torch.Tensor]:
-    """A state dict of any layout above under kohya names (the same dict object's values, no copies)."""
+def convert_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<weights>",
+                       sdxl: bool | None = None) -> dict[str, torch.Tensor]:
+    """A state dict of any layout above under kohya names (the same tensors, no copies); `sdxl` as in `KeyMap`."""
     if all(k.startswith("lora_") for k in sd):
         return dict(sd)  # already kohya names (the common case; unknown parts are reported by the caller)
-    keys = KeyMap.for_keys(list(sd), source)
+    keys = KeyMap.for_keys(list(sd), source, sdxl)
     return {kohya: sd[key] for kohya, key in keys.source.items()}
 
 
@@ -139,12 +143,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      "LoRA file in the kohya layout (lora_unet_... / lora_te_... keys).")
     parser.add_argument("--model", required=True, help="LoRA file to convert (.safetensors)")
     parser.add_argument("--save_to", required=True, help="output file in kohya layout (.safetensors)")
+    parser.add_argument("--sdxl", action="store_true", help="the LoRA is for SDXL (names its first text encoder "
+                        "lora_te1_; needed only when the file has no second text encoder or SDXL-only layer)")
 
     def run(args: argparse.Namespace) -> None:
         check_inputs([args.model], "--model")
         check_output(args.save_to, [args.model])
         sd = load_state_dict(args.model)
-        converted = convert_state_dict(sd, args.model)
+        converted = convert_state_dict(sd, args.model, True if args.sdxl else None)
         metadata = read_metadata(args.model) if Path(args.model).suffix == ".safetensors" else {}
         metadata.setdefault("ss_network_module", "networks.lora")
         save_lora_file(converted, args.save_to, None, metadata)

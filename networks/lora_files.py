@@ -64,7 +64,8 @@ def normalize_weights(sd: Mapping[str, torch.Tensor], network=None, *,
     """
     from networks.lora_convert import convert_state_dict
 
-    sd = convert_state_dict(sd, source)  # diffusers/PEFT and ComfyUI layouts under kohya names
+    sdxl = resolver.sdxl if resolver is not None else getattr(network, "is_sdxl", None)
+    sd = convert_state_dict(sd, source, sdxl)  # diffusers/PEFT and ComfyUI layouts under kohya names
     modules = {}
     if network is not None:
         modules = {lora.lora_name: lora for lora in network.text_encoder_loras + network.unet_loras}

@@ -42,7 +42,7 @@ def consumer_weight(weight: torch.Tensor, parts: dict, strength: float = 1.0) ->
         if len(w2.shape) == 4:
             w1 = w1.unsqueeze(2).unsqueeze(2)
         alpha = alpha_value / dim if alpha_value is not None and dim is not None else 1.0
-        diff = torch.kron(w1, w2).reshape(weight.shape)
+        diff = torch.kron(w1, w2.contiguous()).reshape(weight.shape)  # contiguous as LyCORIS / the webui make_kron
     else:
         mat1, mat2 = v["lora_up.weight"], v["lora_down.weight"]
         alpha = alpha_value / mat2.shape[0] if alpha_value is not None else 1.0
