@@ -56,16 +56,24 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 def algo_of(parts: Mapping[str, object], name: str = "") -> str:
-    """`lora`, `loha` or `lokr` from a module's keys; ValueError naming the keys otherwise."""
+    """`lora`, `loha` or `lokr` from a module's keys; ValueError naming the missing keys of an incomplete module."""
     keys = set(parts)
-    if "hada_w1_a" in keys:
-        return "loha"
-    if keys & set(LOKR_KEYS):
-        return "lokr"
-    if "lora_down.weight" in keys and "lora_up.weight" in keys:
-        return "lora"
-    raise ValueError(f"module {name}: keys {sorted(keys)} are not LoRA (lora_down/lora_up), LoHa (hada_*) or "
-                     f"LoKr (lokr_*) weights")
+    if keys & set(LOHA_KEYS):
+        algo, needed = "loha", ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] + \
+            (["hada_t2"] if "hada_t1" in keys else []) + (["hada_t1"] if "hada_t2" in keys else [])
+    elif keys & set(LOKR_KEYS):
+        algo = "lokr"
+        needed = (["lokr_w1"] if "lokr_w1_a" not in keys else ["lokr_w1_a", "lokr_w1_b"]) + \
+                 (["lokr_w2"] if "lokr_w2_a" not in keys and "lokr_w2_b" not in keys else ["lokr_w2_a", "lokr_w2_b"])
+    elif keys & {"lora_down.weight", "lora_up.weight"}:
+        algo, needed = "lora", ["lora_down.weight", "lora_up.weight"]
+    else:
+        raise ValueError(f"module {name}: keys {sorted(keys)} are not LoRA (lora_down/lora_up), LoHa (hada_*) or "
+                         f"LoKr (lokr_*) weights")
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise ValueError(f"module {name}: a {algo} module without {', '.join(missing)} (has {', '.join(sorted(keys))})")
+    return algo
 
 
 def _alpha(parts: Mapping[str, object]) -> float | None:

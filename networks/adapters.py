@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from library.file_io import load_state_dict
+from library.file_io import CheckpointError, load_state_dict
 from networks import adapter_math as am
 from networks import lora_blocks
 from networks.lora import LoRAModule, LoRANetwork
@@ -302,7 +302,10 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     modules = am.group_modules(sd)
     dims, alphas = {}, {}
     for name, parts in modules.items():
-        am.algo_of(parts, f"{name} in {source}")
+        try:
+            am.algo_of(parts, name)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
         dims[name] = am.rank_of(parts) or 1
         alphas[name] = parts.get("alpha", torch.tensor(float(dims[name])))
         sd.setdefault(f"{name}.alpha", torch.tensor(float(dims[name])))

@@ -58,7 +58,7 @@ def _part_of(key: str) -> tuple[str, str] | None:
 
 def _kohya_name(path: str, sdxl: bool) -> tuple[str, str] | None:
     """(kohya module name, layout) of a module path, or None."""
-    if path.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) and "." not in path:
+    if "." not in path:  # a kohya-style name (unknown ones are reported by the caller as matching no layer)
         return path, "kohya"
     path = path.removeprefix("base_model.model.")
     for old, new in OLD_DIFFUSERS.items():

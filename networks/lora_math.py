@@ -160,9 +160,8 @@ def _group_keys(f: TensorFile, path: Path, keys) -> dict[str, ModuleInfo]:
         shapes = {part: tuple(keys.shape(f, f"{name}.{part}")) for part in parts}
         try:
             algo = am.algo_of(shapes, name)
-        except ValueError:
-            missing = "lora_down.weight" if "lora_down.weight" not in shapes else "lora_up.weight"
-            raise CheckpointError(f"{path}: module {name} has no {missing}") from None
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         plain = algo == "lora" and set(shapes) <= {"lora_down.weight", "lora_up.weight", "alpha"}
         if plain:
             down, up = shapes["lora_down.weight"], shapes["lora_up.weight"]
