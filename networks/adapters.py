@@ -262,7 +262,7 @@ def create_adapter_network(network_class: type[AdapterNetwork], module_class: ty
 
 def needs_adapter_network(sd: Mapping[str, torch.Tensor]) -> bool:
     """Whether a state dict holds anything beyond plain LoRA keys (LoHa, LoKr, DoRA, LoCon CP)."""
-    from networks.lora_convert import convert_state_dict
+    from networks.convert_lora import convert_state_dict
 
     sd = convert_state_dict(sd)
     return any(split_key(k)[1] not in ("lora_down.weight", "lora_up.weight", "alpha") and

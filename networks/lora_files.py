@@ -62,7 +62,7 @@ def normalize_weights(sd: Mapping[str, torch.Tensor], network=None, *,
     shapes raises CheckpointError naming the file, key and shapes. `parts` are the keys kept after the module name
     (LoRA's by default; `networks.adapter_math.ADAPTER_KEYS` for the LoHa / LoKr / DoRA networks).
     """
-    from networks.lora_convert import convert_state_dict
+    from networks.convert_lora import convert_state_dict
 
     sdxl = resolver.sdxl if resolver is not None else getattr(network, "is_sdxl", None)
     sd = convert_state_dict(sd, source, sdxl)  # diffusers/PEFT and ComfyUI layouts under kohya names

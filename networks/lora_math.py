@@ -95,10 +95,10 @@ class LoRAModule:
 class LoRAFile:
     """A LoRA (or LoHa / LoKr / DoRA) file opened lazily: its modules (shapes from the header), metadata, and
     per-module loading. Foreign key layouts (diffusers / PEFT, ComfyUI) are read through
-    `networks.lora_convert` under kohya names."""
+    `networks.convert_lora` under kohya names."""
 
     def __init__(self, path: str | os.PathLike):
-        from networks.lora_convert import KeyMap
+        from networks.convert_lora import KeyMap
 
         self.path = Path(path)
         self._file = TensorFile(self.path)

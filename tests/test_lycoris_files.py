@@ -1,7 +1,7 @@
 """Files written by other tools, read the way ComfyUI applies them: LyCORIS LoCon (with conv_in, conv_out,
 time_embedding and a CP `lora_mid`), LoHa (with a Tucker module) and LoKr (full, decomposed and Tucker factors)
 in generation, merge_lora, svd_merge_lora, resize_lora, check_lora_weights; diffusers/PEFT and ComfyUI key
-layouts converted on load and by networks/lora_convert.py; unreadable formats refused in one line."""
+layouts converted on load and by networks/convert_lora.py; unreadable formats refused in one line."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from library.file_io import CheckpointError
 from library.unet_layout import diffusers_to_ldm_module
-from networks import lora, lora_convert, merge_lora, resize_lora, svd_merge_lora
+from networks import convert_lora, lora, merge_lora, resize_lora, svd_merge_lora
 from networks.lora_names import lora_targets
 from tests.conftest import tiny_models
 from tests.consumer_formulas import consumer_weight, group
@@ -200,7 +200,7 @@ def test_diffusers_and_comfyui_layouts_load_merge_and_convert(arch, tmp_path):
         net.load_state_dict(weights, strict=False)
         assert close(outputs(m), expected), layout
         converted = tmp_path / f"{layout}_kohya.safetensors"
-        lora_convert.main(["--model", file, "--save_to", str(converted), *(["--sdxl"] if arch == "sdxl" else [])])
+        convert_lora.main(["--model", file, "--save_to", str(converted), *(["--sdxl"] if arch == "sdxl" else [])])
         back = load_file(str(converted))
         m2 = tiny_models(arch)
         net2, weights2 = lora.create_network_from_weights(1.0, None, None, m2.text_encoder, m2.unet, weights_sd=back)

@@ -1,6 +1,6 @@
 """Key layouts of LoRA files written by other tools, read under kohya names; and the script that converts them.
 
-    python networks/lora_convert.py --model peft_lora.safetensors --save_to kohya_lora.safetensors [--sdxl]
+    python networks/convert_lora.py --model peft_lora.safetensors --save_to kohya_lora.safetensors [--sdxl]
 
 Layouts read (detected from the keys; every tool here reads them through `KeyMap` / `convert_state_dict`):
 - kohya / LyCORIS: `lora_unet_<path>.<part>`, `lora_te[12]_<path>.<part>` (parts: `lora_down.weight`,
@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-if __package__ in (None, ""):  # run as `python networks/lora_convert.py`
+if __package__ in (None, ""):  # run as `python networks/convert_lora.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.file_io import CheckpointError
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from networks.lora_cli import check_inputs, check_output, run_main
     from networks.lora_files import save_lora_file
 
-    parser = argparse.ArgumentParser(prog="lora_convert.py", description="Write a diffusers/PEFT or ComfyUI-layout "
+    parser = argparse.ArgumentParser(prog="convert_lora.py", description="Write a diffusers/PEFT or ComfyUI-layout "
                                      "LoRA file in the kohya layout (lora_unet_... / lora_te_... keys).")
     parser.add_argument("--model", required=True, help="LoRA file to convert (.safetensors)")
     parser.add_argument("--save_to", required=True, help="output file in kohya layout (.safetensors)")
