@@ -120,7 +120,8 @@ def reference_from_arch(arch: str) -> dict[str, tuple[int, ...]]:
     from networks.lora_names import lora_targets
 
     models = build_models(arch, "full", meta=True, tokenizers=False)
-    targets = lora_targets(models.text_encoders, models.unet, sdxl=models.is_sdxl, include_conv3x3=True)
+    targets = lora_targets(models.text_encoders, models.unet, sdxl=models.is_sdxl, include_conv3x3=True,
+                           include_extra=True)
     return {name: tuple(t.module.weight.shape) for name, t in targets.items()}
 
 

@@ -134,3 +134,33 @@ def test_max_norm_scales_the_delta_of_every_algorithm():
         assert scaled > 0 and largest <= 0.05 + 1e-4
         for module in net.unet_loras:
             assert float(module.delta_weight().detach().norm()) <= 0.05 + 1e-4
+
+
+def test_block_dims_lr_weights_and_dropouts_apply_to_loha_and_lokr():
+    from networks import loha
+
+    dims = ",".join(["2"] * 12 + ["3"] + ["4"] * 12)  # SD1: 25 blocks (input 0-11, middle 12, output 13-24)
+    for module in (loha, lokr):
+        m = tiny_models("sd1")
+        net = module.create_network(1.0, 4, 1, None, m.text_encoder, m.unet, block_dims=dims,
+                                    block_alphas=",".join(["1"] * 25), down_lr_weight="zeros", rank_dropout="0.5",
+                                    module_dropout="0.1")
+        by_block = {lm.block: lm.lora_dim for lm in net.unet_loras}
+        assert all(d == (2 if b < 12 else 3 if b == 12 else 4) for b, d in by_block.items())
+        groups = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        trained = {id(p) for g in groups for p in g["params"]}
+        assert not any(id(p) in trained for lm in net.unet_loras if lm.block < 12 for p in lm.parameters())
+        assert all(id(p) in trained for lm in net.unet_loras if lm.block > 12 for p in lm.parameters())
+        layer = net.unet_loras[-1]
+        assert layer.rank_dropout == 0.5 and layer.module_dropout == 0.1
+        randomize_adapter(net)
+        net.apply_to(m.text_encoder, m.unet)
+        x = layer_input(layer.org_module)
+        net.train()
+        torch.manual_seed(0)
+        a = layer.org_module(x)
+        torch.manual_seed(1)
+        b = layer.org_module(x)
+        assert not torch.allclose(a, b)  # rank dropout draws a new mask each step
+        net.eval()
+        assert torch.equal(layer.org_module(x), layer.org_module(x))
