@@ -156,6 +156,7 @@ def _group_keys(f: TensorFile, path: Path, keys) -> dict[str, ModuleInfo]:
     from networks import adapter_math as am
 
     modules: dict[str, ModuleInfo] = {}
+    proj_is_conv = _proj_is_conv(f.metadata, keys, f)
     for name, parts in keys.parts.items():
         shapes = {part: tuple(keys.shape(f, f"{name}.{part}")) for part in parts}
         try:
@@ -171,7 +172,7 @@ def _group_keys(f: TensorFile, path: Path, keys) -> dict[str, ModuleInfo]:
                                       f"lora_up {list(up)}")
             modules[name] = ModuleInfo(name, down, up, "alpha" in shapes)
             continue
-        weight_shape = adapter_weight_shape(name, shapes)
+        weight_shape = adapter_weight_shape(name, shapes, proj_is_conv)
         rank = min(am.rank_of({k: torch.empty(v, device="meta") for k, v in shapes.items()}) or 1,
                    weight_shape[0], math.prod(weight_shape[1:]))
         down = (rank, *weight_shape[1:])
@@ -182,14 +183,31 @@ def _group_keys(f: TensorFile, path: Path, keys) -> dict[str, ModuleInfo]:
     return modules
 
 
-def adapter_weight_shape(name: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+def _proj_is_conv(metadata: Mapping[str, str], keys, f: TensorFile) -> bool:
+    """Whether the file is for SD 1.x (proj_in/out are 1x1 convs): not when its metadata or names say SD 2.x / SDXL
+    (lora_te1_/lora_te2_, SGM UNet names, ss_v2, a 1024-wide text encoder)."""
+    base = (metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "").lower()
+    if metadata.get("ss_v2") == "True" or base.startswith(("sd_v2", "stable-diffusion-v2", "sdxl",
+                                                            "stable-diffusion-xl")):
+        return False
+    for name, parts in keys.parts.items():
+        if name.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
+                            "lora_unet_middle_block")):
+            return False
+        if name.startswith("lora_te_") and name.endswith("q_proj") and "lora_down.weight" in parts:
+            return keys.shape(f, f"{name}.lora_down.weight")[1] != 1024
+    return True
+
+
+def adapter_weight_shape(name: str, shapes: Mapping[str, tuple[int, ...]], proj_is_conv: bool = True
+                         ) -> tuple[int, ...]:
     """The layer weight shape of a LoHa / LoKr / DoRA / CP module from its tensor shapes.
 
     Exact where a tensor carries the kernel (LoKr's full w2, Tucker cores, `lora_mid`, 4-D LoRA factors) or the
-    input width (`dora_scale`); otherwise LoHa / LoKr factors hold in * kh * kw flattened, and the kernel is taken as
-    3x3 for the names of SD's 3x3 convs (`networks.lora_names.is_conv3x3_name`), else 1 (linear).
+    input width (`dora_scale`); otherwise LoHa / LoKr factors hold in * kh * kw flattened, and the kernel comes from
+    the module name (`networks.lora_names.conv_kernel_of_name`; `proj_is_conv` for SD 1.x files).
     """
-    from networks.lora_names import is_conv3x3_name
+    from networks.lora_names import conv_kernel_of_name
 
     if "lora_down.weight" in shapes:
         down, up, mid = shapes["lora_down.weight"], shapes["lora_up.weight"], shapes.get("lora_mid.weight")
@@ -218,8 +236,11 @@ def adapter_weight_shape(name: str, shapes: Mapping[str, tuple[int, ...]]) -> tu
         return (out, dora[1], k, flat_in // dora[1] // k)
     if dora is not None and len(dora) == 4:
         return (out, flat_in, 1, 1)
-    if is_conv3x3_name(name) and flat_in % 9 == 0:
+    kernel = conv_kernel_of_name(name, proj_is_conv)
+    if kernel == (3, 3) and flat_in % 9 == 0:
         return (out, flat_in // 9, 3, 3)
+    if kernel == (1, 1):
+        return (out, flat_in, 1, 1)
     return (out, flat_in)
 
 

@@ -213,12 +213,22 @@ def lora_names_in(keys: Iterable[str]) -> list[str]:
 
 
 _CONV3X3_NAME = re.compile(r"_(conv1|conv2|conv|conv_in|conv_out|in_layers_2|out_layers_3|op|input_blocks_0_0|out_2)$")
+_CONV1X1_NAME = re.compile(r"_(conv_shortcut|skip_connection)$")
+_PROJ_NAME = re.compile(r"_(proj_in|proj_out)$")
 
 
-def is_conv3x3_name(lora_name: str) -> bool:
-    """Whether a UNet module name is one of SD's 3x3 convs (ResNet conv1/conv2, samplers, conv_in/out), in either
-    layout; used where a file stores a conv's kernel flattened and no model is at hand."""
-    return lora_name.startswith("lora_unet_") and bool(_CONV3X3_NAME.search(lora_name))
+def conv_kernel_of_name(lora_name: str, proj_is_conv: bool) -> tuple[int, int] | None:
+    """The kernel of a UNet module from its name alone, in either layout: (3, 3) for SD's 3x3 convs (ResNet
+    conv1/conv2, samplers, conv_in/out), (1, 1) for the ResNet shortcuts and, where `proj_is_conv` (SD 1.x),
+    the transformers' proj_in/proj_out; None for a Linear. Used where a file stores a conv's kernel flattened
+    (LoHa / LoKr factors) and no model is at hand."""
+    if not lora_name.startswith("lora_unet_"):
+        return None
+    if _CONV3X3_NAME.search(lora_name):
+        return (3, 3)
+    if _CONV1X1_NAME.search(lora_name) or (proj_is_conv and _PROJ_NAME.search(lora_name)):
+        return (1, 1)
+    return None
 
 
 _SD_UNET_NAME = re.compile(r"^lora_unet_(down_blocks|up_blocks|mid_block)_")

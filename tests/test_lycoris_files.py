@@ -225,3 +225,21 @@ def test_unreadable_formats_fail_in_one_line(key, message, tmp_path):
         lora.create_network_from_weights(1.0, str(path), None, m.text_encoder, m.unet)
     with pytest.raises(SystemExit, match=message):
         resize_lora.main(["--model", str(path), "--save_to", str(tmp_path / "y.safetensors")])
+
+
+def test_loha_through_diffusers_as_the_svd_merged_lora(tmp_path):
+    """diffusers has no LoHa conversion for SD pipelines; the documented route: svd_merge_lora.py to a LoRA of the
+    delta (exact at a rank as large as the layers'), which pipe.load_lora_weights reads."""
+    import peft  # noqa: F401
+
+    from tests.test_lora_diffusers_compat import make_pipeline
+
+    full = load_file(lycoris_file(tmp_path / "loha_full.safetensors", "sd1", "loha"))
+    path = str(tmp_path / "loha.safetensors")  # U-Net only: diffusers cannot infer a TE LoRA that is a lone q_proj
+    save_file({k: v for k, v in full.items() if k.startswith("lora_unet_")}, path)
+    out = tmp_path / "as_lora.safetensors"
+    svd_merge_lora.main(["--models", path, "--new_rank", "64", "--save_to", str(out)])
+    m = tiny_models("sd1")
+    pipe = make_pipeline(m)
+    pipe.load_lora_weights(load_file(str(out)))
+    assert close(outputs(m), outputs(consumer_models("sd1", [(path, 1.0)])))
