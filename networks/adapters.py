@@ -58,9 +58,7 @@ class AdapterModule(torch.nn.Module):
             if owner and not hasattr(self, owner):
                 self.add_module(owner, torch.nn.Module())
             (getattr(self, owner) if owner else self).register_parameter(param, torch.nn.Parameter(torch.zeros(shape)))
-        if shapes is not None and "dora_scale" in shapes:
-            dora_wd = True
-        if dora_wd:  # magnitude initialised to the layer's own norms: a fresh module changes nothing
+        if dora_wd or "dora_scale" in shapes:  # magnitude initialised to the layer's own norms: a fresh module changes nothing
             self.dora_scale = torch.nn.Parameter(am.column_norm(org_module.weight.detach().float()))
         self.init_factors()
         if isinstance(alpha, torch.Tensor):
@@ -264,9 +262,8 @@ def needs_adapter_network(sd: Mapping[str, torch.Tensor]) -> bool:
     """Whether a state dict holds anything beyond plain LoRA keys (LoHa, LoKr, DoRA, LoCon CP)."""
     from networks.convert_lora import convert_state_dict
 
-    sd = convert_state_dict(sd)
-    return any(split_key(k)[1] not in ("lora_down.weight", "lora_up.weight", "alpha") and
-               split_key(k)[1] in am.ADAPTER_KEYS for k in sd)
+    extra = set(am.ADAPTER_KEYS) - {"lora_down.weight", "lora_up.weight", "alpha"}
+    return any(split_key(k)[1] in extra for k in convert_state_dict(sd))
 
 
 def _module_factory(modules: Mapping[str, dict[str, torch.Tensor]]) -> Callable[..., torch.nn.Module]:
