@@ -131,11 +131,40 @@ class AdapterModule(torch.nn.Module):
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return self.org_forward(x, *args, **kwargs)
         org = self.org_module
+        if not hasattr(self, "dora_scale"):
+            delta_out = self.bypass(x)
+            if delta_out is not None:  # the delta applied to x without forming it (cheaper than W + dW)
+                out = self.org_forward(x, *args, **kwargs)
+                return out + (self.multiplier * self._row_dropout(delta_out, 1 if self.is_conv else -1)).to(out.dtype)
         update = self.weight_update()
         if self._is_plain_layer() and not args and not kwargs:  # one matmul with the updated weight
             return self._layer(x, org.weight + update.to(org.weight.dtype), org.bias)
         out = self.org_forward(x, *args, **kwargs)
         return out + self._layer(x.to(out.dtype), update.to(out.dtype), None)
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`delta(x)` (scale included, no multiplier) computed from the factors where that is cheaper than forming
+        the delta (subclasses); None: the forward uses the updated weight."""
+        return None
+
+    def _row_dropout(self, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """Rank dropout as in `weight_update`: whole output channels of the delta dropped, the rest rescaled."""
+        if not (self.training and self.rank_dropout):
+            return out
+        keep = (torch.rand(out.shape[channel_dim], device=out.device) > self.rank_dropout).to(out.dtype)
+        shape = [1] * out.dim()
+        shape[channel_dim] = -1
+        return out * keep.reshape(shape) / (1.0 - self.rank_dropout)
+
+    def _low_rank(self, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """`up(down(x))` with down (rank, in[, kh, kw]) carrying the layer's kernel / stride / padding."""
+        org = self.org_module
+        x = x.to(down.dtype) if not torch.is_autocast_enabled(x.device.type) else x
+        if self.is_conv:
+            hidden = torch.nn.functional.conv2d(x, down.reshape(down.shape[0], *self.weight_shape[1:]), None,
+                                                org.stride, org.padding, org.dilation, org.groups)
+            return torch.nn.functional.conv2d(hidden, up.reshape(*up.shape, 1, 1))
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
 
     def delta_weight(self) -> torch.Tensor:
         """`scale * product` in the layer weight's shape (no DoRA, no multiplier), float32."""

@@ -9,6 +9,7 @@ Initialisation as LyCORIS: w1_b, w2_b ~ N(0, 1), w1_a ~ N(0, 0.1), w2_a = 0 (the
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -27,6 +28,17 @@ class LoHaModule(AdapterModule):
             in_flat *= d
         return {"hada_w1_a": (out_dim, rank), "hada_w1_b": (rank, in_flat),
                 "hada_w2_a": (out_dim, rank), "hada_w2_b": (rank, in_flat)}
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`(A1 B1) * (A2 B2) = U V` with U[:, i*r+j] = A1[:, i] * A2[:, j] and V[i*r+j] = B1[i] * B2[j] (Khatri-Rao
+        products): the LoHa is a rank-r² LoRA, applied as one (cheaper than forming the delta while r² is small)."""
+        rank = self.hada_w1_b.shape[0]
+        if "hada_t1" in dict(self.named_parameters()) or rank * rank * 2 > min(self.weight_shape[0],
+                                                                                math.prod(self.weight_shape[1:])):
+            return None
+        up = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(self.weight_shape[0], rank * rank)
+        down = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(rank * rank, -1)
+        return self._low_rank(x, up * self.scale, down)
 
     def init_factors(self) -> None:
         with torch.no_grad():

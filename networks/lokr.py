@@ -49,6 +49,20 @@ class LoKrModule(AdapterModule):
                       full_matrix: bool = False, **algo_args) -> dict[str, tuple[int, ...]]:
         return lokr_shapes(weight_shape, rank, factor, decompose_both, full_matrix)
 
+    def bypass(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For a Linear, `kron(w1, w2) x = vec(w1 X w2^T)` with X = x as (c, d): two small matmuls per token instead
+        of the (a*b) x (c*d) delta (convs use the updated weight)."""
+        params = dict(self.named_parameters())
+        if self.is_conv or "lokr_t2" in params:
+            return None
+        w1 = params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
+        w2 = params["lokr_w2"] if "lokr_w2" in params else params["lokr_w2_a"] @ params["lokr_w2_b"]
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w1.dtype)
+        hidden = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1]) @ w2.to(x.dtype).t()  # (..., c, b)
+        out = (w1.to(x.dtype) * self.scale) @ hidden  # (..., a, b)
+        return out.reshape(*x.shape[:-1], w1.shape[0] * w2.shape[0])
+
     def init_factors(self) -> None:
         with torch.no_grad():
             for name, p in self.named_parameters(recurse=False):
