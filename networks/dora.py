@@ -24,6 +24,7 @@ import torch
 
 from networks import adapter_math as am
 from networks.lora import LoRAModule, add_up_projection
+from networks.lora_fused import can_fuse, fused_lora_linear
 
 
 class DoRAModule(LoRAModule):
@@ -57,9 +58,13 @@ class DoRAModule(LoRAModule):
         c = self.input_scale()
         c = c.reshape(-1, 1, 1) if self.is_conv else c.reshape(-1)  # channels of (B, C, H, W) / features of (..., C)
         xs = x * c.to(x.dtype)
-        out = self.org_forward(xs, *args, **kwargs)
-        hidden, up = self.lora_hidden(xs, self.scale)
-        out = add_up_projection(out, hidden, up, self.is_conv)
+        if not (self.training and (self.dropout or self.rank_dropout)) and not args and not kwargs \
+                and can_fuse(self.org_module, self.org_forward, xs):  # LoRA's fused node on the rescaled input
+            out = fused_lora_linear(xs, self.org_module, self.lora_down.weight, self.lora_up.weight, self.scale)
+        else:
+            out = self.org_forward(xs, *args, **kwargs)
+            hidden, up = self.lora_hidden(xs, self.scale)
+            out = add_up_projection(out, hidden, up, self.is_conv)
         if self.multiplier != 1:
             out = self.multiplier * out + (1 - self.multiplier) * self.org_forward(x, *args, **kwargs)
         return out
