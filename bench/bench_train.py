@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 512; tiny: 64)")
     p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--dim", type=int, default=4, help="LoRA rank (alpha = dim)")
+    p.add_argument("--network_module", default="networks.lora",
+                   help="network to train: networks.lora (default), networks.loha, networks.lokr")
+    p.add_argument("--network_args", nargs="*", default=None,
+                   help='extra --network_args of the network, e.g. "dora_wd=True" or "factor=8"')
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="mixed precision")
     p.add_argument("--full_bf16", action="store_true", help="bf16 network and gradients (with --precision bf16)")
     p.add_argument("--full_fp16", action="store_true", help="fp16 network and gradients (with --precision fp16)")
@@ -135,7 +139,7 @@ def trainer_args(opts: argparse.Namespace, toml: str, out: Path) -> argparse.Nam
     from library.dataset_config import add_dataset_arguments
 
     argv = ["--pretrained_model_name_or_path", "random-weights", "--dataset_config", toml, "--output_dir", str(out),
-            "--network_module", "networks.lora", "--network_dim", str(opts.dim), "--network_alpha", str(opts.dim),
+            "--network_module", opts.network_module, "--network_dim", str(opts.dim), "--network_alpha", str(opts.dim),
             "--learning_rate", "1e-4", "--seed", "0", "--max_data_loader_n_workers", "0",
             "--mixed_precision", "no" if opts.precision == "fp32" else opts.precision,
             "--max_train_steps", str(opts.warmup + opts.steps)]
@@ -143,6 +147,8 @@ def trainer_args(opts: argparse.Namespace, toml: str, out: Path) -> argparse.Nam
              "--gradient_checkpointing": opts.gradient_checkpointing, "--network_train_unet_only": opts.unet_only,
              "--cache_text_encoder_outputs": opts.cache_text_encoder_outputs}
     argv += [flag for flag, on in flags.items() if on]
+    if opts.network_args:
+        argv += ["--network_args", *opts.network_args]
     argv += shlex.split(opts.trainer_args)
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
@@ -195,7 +201,8 @@ def run_lora(opts: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
             trainer.features.after_step(progress)  # what runs after each optimizer step (the EMA update)
         progress.batches_in_epoch += 1
 
-    times = {"lora": _timed(step, opts.warmup, opts.steps), "peaks": [process_peak_rss_gib(), _read_status("VmHWM")]}
+    times = {"lora": _timed(step, opts.warmup, opts.steps), "peaks": [process_peak_rss_gib(), _read_status("VmHWM")],
+             "network_params": sum(p.numel() for p in trainer.accelerator.unwrap_model(trainer.network).parameters())}
     if floor is not None:  # after the lora-only steps, so the floor steps cannot raise the peak read above
         times["interleaved_lora"], times["interleaved_floor"] = [], []
         for _ in range(opts.steps):
@@ -314,6 +321,8 @@ def worker(opts: argparse.Namespace) -> dict:
               "step_times": times[opts.worker],
               "peak_rss_gib": times["peaks"][0], "peak_rss_training_gib": times["peaks"][1],
               "device": str(_device()), "threads": torch.get_num_threads()}
+    if "network_params" in times:
+        result["network_params"] = times["network_params"]
     if "interleaved_floor" in times:
         result["interleaved_step_times"] = {"lora": times["interleaved_lora"], "floor": times["interleaved_floor"]}
         result["interleaved_lora_over_floor"] = (statistics.median(times["interleaved_lora"])
@@ -326,6 +335,9 @@ def worker(opts: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------- driver
 def config_name(opts: argparse.Namespace) -> str:
     parts = [opts.arch, opts.size, f"{opts.resolution}px", f"b{opts.batch}", f"dim{opts.dim}", opts.precision]
+    if opts.network_module != "networks.lora" or opts.network_args:
+        parts.insert(0, "-".join([opts.network_module.rsplit(".", 1)[-1], *(a.replace("=", "")
+                                                                            for a in opts.network_args or [])]))
     parts += [name for name, on in (("fullbf16", opts.full_bf16), ("fullfp16", opts.full_fp16),
                                     ("gc", opts.gradient_checkpointing), ("nocache", opts.no_cache_latents),
                                     ("teCache", opts.cache_text_encoder_outputs), ("unet", opts.unet_only)) if on]
@@ -342,11 +354,12 @@ def run_worker_process(opts: argparse.Namespace, mode: str, argv: list[str]) -> 
 
 
 def format_table(results: list[dict], ratio: float | None, interleaved: float | None = None) -> str:
-    lines = [f"{'mode':<6} {'s/step':>8} {'peak RSS GiB':>13} {'train RSS GiB':>14} {'CUDA GiB':>9}"]
+    lines = [f"{'mode':<6} {'s/step':>8} {'peak RSS GiB':>13} {'train RSS GiB':>14} {'CUDA GiB':>9} {'params':>10}"]
     for r in results:
         cuda = r.get("cuda_max_memory_allocated_gib")
         lines.append(f"{r['mode']:<6} {r['sec_per_step']:>8.3f} {r['peak_rss_gib']:>13.2f} "
-                     f"{r['peak_rss_training_gib']:>14.2f} {'-' if cuda is None else f'{cuda:.2f}':>9}")
+                     f"{r['peak_rss_training_gib']:>14.2f} {'-' if cuda is None else f'{cuda:.2f}':>9} "
+                     f"{r.get('network_params', '-'):>10}")
     if ratio is not None:
         lines.append(f"LoRA step / floor: {ratio:.3f}x")
     if interleaved is not None:

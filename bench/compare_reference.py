@@ -275,7 +275,9 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path)
 
 def program_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # TQDM_MININTERVAL=0: both progress bars print every step (tqdm >= 4.66 reads TQDM_* defaults from the
+    # environment); by default an update within 0.1 s of the last one is not shown and its step would be lost
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TQDM_MININTERVAL="0")
     env.update(extra)
     return env
 

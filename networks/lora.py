@@ -223,7 +223,8 @@ class LoRANetwork(torch.nn.Module):
             return (lora_dim, alpha) if linear else (conv_lora_dim, conv_alpha)
 
         with_conv = conv_lora_dim is not None or conv_block_dims is not None or modules_dim is not None
-        targets = lora_targets(text_encoder, unet, self.is_sdxl, include_conv3x3=with_conv)
+        targets = lora_targets(text_encoder, unet, self.is_sdxl, include_conv3x3=with_conv,
+                               include_extra=modules_dim is not None)  # files may adapt conv_in, time_embedding...
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         for name, target in targets.items():
@@ -425,8 +426,15 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
 
     kwargs (strings from `--network_args`, or numbers / lists from Python): conv_dim, conv_alpha, rank_dropout,
     module_dropout, down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold, block_dims,
-    block_alphas, conv_block_dims, conv_block_alphas. See docs/lora.md.
+    block_alphas, conv_block_dims, conv_block_alphas; dora_wd=True makes a DoRA network (networks.dora).
+    See docs/lora.md.
     """
+    if str(kwargs.get("dora_wd", "")).strip().lower() in ("true", "1", "yes", "on"):
+        from networks.dora import create_network as create_dora_network
+
+        return create_dora_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout,
+                                   **kwargs)
+    kwargs.pop("dora_wd", None)
     sdxl = unet is not None and is_sdxl_unet(unet)
     args = lora_blocks.parse_network_args(kwargs, network_dim, network_alpha, sdxl)
     network = LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=args.dim, alpha=args.alpha,
@@ -469,6 +477,11 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         if file is None:
             raise ValueError("create_network_from_weights: give a file or weights_sd")
         weights_sd = load_state_dict(file)
+    from networks import adapters  # LoHa / LoKr / DoRA / LoCon-CP files: a network of the modules they call for
+
+    if adapters.needs_adapter_network(weights_sd):
+        return adapters.create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd,
+                                                    for_inference, **kwargs)
     resolver = LoRANameResolver(text_encoder, unet)
     sd = normalize_weights(weights_sd, resolver=resolver, source=source)
     dims, alphas = infer_modules_dim_alpha(sd)

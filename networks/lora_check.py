@@ -58,23 +58,50 @@ def _finite_problem(name: str, part: str, t: torch.Tensor) -> str | None:
     return None
 
 
+def _lora_row(lora: LoRAFile, name: str, info: ModuleInfo) -> ModuleRow:
+    m = lora.load(name)
+    row = ModuleRow(name, _kind(info), int(math.prod(info.weight_shape[1:])), info.out_features, info.rank,
+                    m.alpha, float(m.down.double().norm()), float(m.up.double().norm()), 0.0)
+    for part, t in (("lora_down.weight", m.down), ("lora_up.weight", m.up), ("alpha", torch.tensor(m.alpha))):
+        issue = _finite_problem(name, part, t)
+        if issue:
+            row.problems.append(issue)
+    if not row.problems:
+        row.delta_norm = _product_norm(m.up, m.down) * abs(m.scale)
+        if row.delta_norm == 0.0:
+            row.problems.append(f"{name}: delta is zero (lora_up or lora_down all zeros: untrained?)")
+    return row
+
+
+def _adapter_row(lora: LoRAFile, name: str, info: ModuleInfo) -> ModuleRow:
+    """A LoHa / LoKr / DoRA / CP module: kind shown as `<algo>:<kind>`, |down| and |up| as the norms of all its
+    factors, |delta| that of its delta (for DoRA the low-rank part, before the magnitude)."""
+    from networks import adapter_math as am
+
+    parts = lora.load_parts(name, torch.float64)
+    alpha = float(parts["alpha"]) if "alpha" in parts else float(info.rank)
+    factors = [t for k, t in parts.items() if k not in am.COMMON_KEYS]
+    label = info.algo + ("+dora" if "dora_scale" in parts else "")
+    row = ModuleRow(name, f"{label}:{_kind(info)}", int(math.prod(info.weight_shape[1:])), info.out_features,
+                    info.rank, alpha, float(sum(t.norm() ** 2 for t in factors) ** 0.5), 0.0, 0.0)
+    for part, t in parts.items():
+        issue = _finite_problem(name, part, t)
+        if issue:
+            row.problems.append(issue)
+    if not row.problems:
+        row.delta_norm = float(am.delta_weight(parts, info.weight_shape, name).norm())
+        if row.delta_norm == 0.0:
+            row.problems.append(f"{name}: delta is zero (a factor is all zeros: untrained?)")
+    return row
+
+
 def check_lora(path: str | os.PathLike, reference: dict | None = None, reference_name: str = "") -> CheckResult:
     """Inspect every module; `reference` is {lora name: weight shape} of a model to match names and shapes."""
     rows: list[ModuleRow] = []
     problems: list[str] = []
     with LoRAFile(path) as lora:
         for name, info in lora.modules.items():
-            m = lora.load(name)
-            row = ModuleRow(name, _kind(info), int(math.prod(info.weight_shape[1:])), info.out_features, info.rank,
-                            m.alpha, float(m.down.double().norm()), float(m.up.double().norm()), 0.0)
-            for part, t in (("lora_down.weight", m.down), ("lora_up.weight", m.up), ("alpha", torch.tensor(m.alpha))):
-                issue = _finite_problem(name, part, t)
-                if issue:
-                    row.problems.append(issue)
-            if not row.problems:
-                row.delta_norm = _product_norm(m.up, m.down) * abs(m.scale)
-                if row.delta_norm == 0.0:
-                    row.problems.append(f"{name}: delta is zero (lora_up or lora_down all zeros: untrained?)")
+            row = _lora_row(lora, name, info) if info.plain else _adapter_row(lora, name, info)
             if reference is not None:
                 shape = reference.get(name)
                 if shape is None:
@@ -93,7 +120,8 @@ def reference_from_arch(arch: str) -> dict[str, tuple[int, ...]]:
     from networks.lora_names import lora_targets
 
     models = build_models(arch, "full", meta=True, tokenizers=False)
-    targets = lora_targets(models.text_encoders, models.unet, sdxl=models.is_sdxl, include_conv3x3=True)
+    targets = lora_targets(models.text_encoders, models.unet, sdxl=models.is_sdxl, include_conv3x3=True,
+                           include_extra=True)
     return {name: tuple(t.module.weight.shape) for name, t in targets.items()}
 
 

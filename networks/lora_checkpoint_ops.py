@@ -27,6 +27,7 @@ from library.model_loading import check_family
 from library.tensor_stream import SafetensorsWriter, TensorFile
 from networks.lora_math import (ALPHA, DOWN, FAMILY_NAMES, UP, LoRAFile, check_same_family, dims_metadata,
                                 factorize, fit_to_weight, open_loras, source_record)
+from networks.adapter_math import weight_update
 from networks.lora_target_tables import target_table
 
 logger = logging.getLogger(__name__)
@@ -63,17 +64,18 @@ def checkpoint_layout(f: TensorFile, family: str, v_parameterization: bool = Fal
 
 
 def placed_targets(layout: lc.LdmLayout, include_conv3x3: bool = True,
-                   aliases: bool = False) -> dict[str, PlacedTarget]:
+                   aliases: bool = False, include_extra: bool = True) -> dict[str, PlacedTarget]:
     """{lora name: PlacedTarget} of every LoRA target of the layout (text encoders first, then the UNet).
 
     `include_conv3x3` selects the LoRA-C3Lier set (else LoRA-LierLa). `aliases` adds the other spellings
     `networks.lora_names.LoRANameResolver` accepts (SDXL names in the diffusers layout, SD names in the original layout), mapped
-    to the same targets, for reading files written by other trainers.
+    to the same targets, for reading files written by other trainers. `include_extra` (with include_conv3x3) adds
+    conv_in, conv_out and the time / add embeddings, which LyCORIS files adapt.
     """
     table = target_table(layout)
     placed: dict[str, PlacedTarget] = {}
     for name, component, path, kind, shape, c3lier_only in table["targets"]:
-        if c3lier_only and not include_conv3x3:
+        if (c3lier_only and not include_conv3x3) or (c3lier_only == "extra" and not include_extra):
             continue
         param = lc.ldm_param_for(COMPONENTS[component], path + ".weight", layout)
         placed[name] = PlacedTarget(name, component, path, kind, tuple(shape), param)
@@ -156,8 +158,12 @@ def _write_merged(ckpt: TensorFile, plan, loras, save_to, merge_dtype, save_dtyp
 
 def _apply(tensor: torch.Tensor, contributions, loras, dtype: torch.dtype) -> torch.Tensor:
     for index, name, ratio, placed in contributions:
-        module = loras[index].load(name, dtype)
-        delta = fit_to_weight(module.delta(dtype) * ratio, placed.weight_shape, name)
+        if loras[index].modules[name].plain:
+            module = loras[index].load(name, dtype)
+            delta = fit_to_weight(module.delta(dtype) * ratio, placed.weight_shape, name)
+        else:  # LoHa / LoKr / DoRA / CP: the update of the current weight (DoRA depends on it)
+            weight = placed.param.from_ldm(tensor).reshape(placed.weight_shape)
+            delta = weight_update(weight, loras[index].load_parts(name, dtype), ratio, name).to(dtype)
         target = tensor[placed.param.rows] if placed.param.rows is not None else tensor
         target += placed.param.to_ldm(delta).reshape(target.shape)
     return tensor
@@ -187,8 +193,8 @@ def extract_lora(model_org: str | os.PathLike, model_tuned: str | os.PathLike, f
         if tuned_layout.unet_config != layout.unet_config or tuned_layout.text_encoder_configs != layout.text_encoder_configs:
             raise ValueError(f"--model_org {model_org} and --model_tuned {model_tuned} have different architectures "
                              f"or sizes; extract needs two versions of the same model")
-        placed = placed_targets(layout, include_conv3x3=options.conv_dim is not None)
-        placed_tuned = placed_targets(tuned_layout, include_conv3x3=options.conv_dim is not None)
+        placed = placed_targets(layout, include_conv3x3=options.conv_dim is not None, include_extra=False)
+        placed_tuned = placed_targets(tuned_layout, include_conv3x3=options.conv_dim is not None, include_extra=False)
         out: dict[str, torch.Tensor] = {}
         reports: list[ModuleReport] = []
         te_max_diff: dict[str, float] = {}

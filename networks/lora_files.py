@@ -53,13 +53,19 @@ def _family(network_or_sdxl) -> str:
 
 
 def normalize_weights(sd: Mapping[str, torch.Tensor], network=None, *,
-                      resolver: LoRANameResolver | None = None, source: str = "<weights>") -> dict[str, torch.Tensor]:
+                      resolver: LoRANameResolver | None = None, source: str = "<weights>",
+                      parts: tuple[str, ...] = LORA_PARTS) -> dict[str, torch.Tensor]:
     """Check a LoRA state dict against the models and return it under canonical names.
 
     Aliased names are renamed; 1x1-conv / linear weights are reshaped to the module's layout; keys naming no
     layer are reported (a warning listing them) and left out; a file for another model family or with wrong
-    shapes raises CheckpointError naming the file, key and shapes.
+    shapes raises CheckpointError naming the file, key and shapes. `parts` are the keys kept after the module name
+    (LoRA's by default; `networks.adapter_math.ADAPTER_KEYS` for the LoHa / LoKr / DoRA networks).
     """
+    from networks.convert_lora import convert_state_dict
+
+    sdxl = resolver.sdxl if resolver is not None else getattr(network, "is_sdxl", None)
+    sd = convert_state_dict(sd, source, sdxl)  # diffusers/PEFT and ComfyUI layouts under kohya names
     modules = {}
     if network is not None:
         modules = {lora.lora_name: lora for lora in network.text_encoder_loras + network.unet_loras}
@@ -82,7 +88,7 @@ def normalize_weights(sd: Mapping[str, torch.Tensor], network=None, *,
         new_name = canonical(name)
         if new_name is None:
             unmatched.append(key)
-        elif rest not in LORA_PARTS:
+        elif rest not in parts:
             other_parts.append(key)
         else:
             out[f"{new_name}.{rest}"] = value
@@ -90,8 +96,7 @@ def normalize_weights(sd: Mapping[str, torch.Tensor], network=None, *,
     if not out:
         if other_parts:
             raise CheckpointError(f"{source}: holds {split_key(other_parts[0])[1]} weights (e.g. {other_parts[0]}), "
-                                  f"not LoRA lora_down/lora_up weights; LyCORIS (LoHa, LoKr, LoCon with CP) files "
-                                  f"need their own network module")
+                                  f"not weights of a known format (LoRA, LoHa, LoKr, DoRA)")
         raise CheckpointError(f"{source}: no key matches a LoRA layer of this {_family(sdxl)} model; the file looks "
                               f"like a LoRA for {guess_file_family(names)} ({len(names)} modules, e.g. "
                               f"{names[0] if names else 'none'})")

@@ -35,12 +35,18 @@ MIN_SV = 1e-6  # a delta whose largest singular value is below this is treated a
 # ----------------------------------------------------------------------------------------------- reading
 @dataclass
 class ModuleInfo:
-    """Shapes of one LoRA module, known from the file header without loading data."""
+    """Shapes of one module, known from the file header without loading data.
+
+    For LoHa / LoKr / DoRA / LoCon-CP modules (`algo` and `plain`), `down_shape` / `up_shape` are those of a LoRA of
+    the module's rank with the same weight shape (`adapter_shape`), so rank, kind and shapes read alike.
+    """
 
     name: str
     down_shape: tuple[int, ...]
     up_shape: tuple[int, ...]
     has_alpha: bool
+    algo: str = "lora"
+    plain: bool = True  # lora_down / lora_up / alpha only: factors that kohya's LoRA tools can add
 
     @property
     def rank(self) -> int:
@@ -87,20 +93,47 @@ class LoRAModule:
 
 
 class LoRAFile:
-    """A LoRA file opened lazily: its modules (shapes from the header), metadata, and per-module loading."""
+    """A LoRA (or LoHa / LoKr / DoRA) file opened lazily: its modules (shapes from the header), metadata, and
+    per-module loading. Foreign key layouts (diffusers / PEFT, ComfyUI) are read through
+    `networks.convert_lora` under kohya names."""
 
     def __init__(self, path: str | os.PathLike):
+        from networks.convert_lora import KeyMap
+
         self.path = Path(path)
         self._file = TensorFile(self.path)
         self.metadata: dict[str, str] = dict(self._file.metadata)
-        self.modules: dict[str, ModuleInfo] = _group_keys(self._file, self.path)
+        self._keys = KeyMap.for_keys(list(self._file.keys()), self.path)
+        self.modules: dict[str, ModuleInfo] = _group_keys(self._file, self.path, self._keys)
+
+    def _get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._keys.get(self._file, key, dtype)
 
     def load(self, name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoRAModule:
         info = self.modules[name]
-        down = self._file.get(name + DOWN, dtype).to(device)
-        up = self._file.get(name + UP, dtype).to(device)
-        alpha = float(self._file.get(name + ALPHA).float().item()) if info.has_alpha else float(info.rank)
+        if not info.plain:
+            raise ValueError(f"{self.path}: module {name} is {_describe(info)}, not plain lora_down/lora_up factors; "
+                             f"this operation adds LoRA factors (use svd_merge_lora.py, which merges the deltas)")
+        down = self._get(name + DOWN, dtype).to(device)
+        up = self._get(name + UP, dtype).to(device)
+        alpha = float(self._get(name + ALPHA).float().item()) if info.has_alpha else float(info.rank)
         return LoRAModule(name, down, up, alpha)
+
+    def load_parts(self, name: str, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """{part: tensor} of a module of any format (`networks.adapter_math` computes its update)."""
+        return {part: self._get(f"{name}.{part}", None if part == "alpha" else dtype).to(device)
+                for part in self._keys.parts[name]}
+
+    def delta(self, name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The module's delta (weight-shaped, alpha applied); DoRA modules need the base weight and raise."""
+        from networks import adapter_math as am
+
+        parts = self.load_parts(name, dtype, device)
+        if "dora_scale" in parts:
+            raise ValueError(f"{self.path}: module {name} is DoRA (dora_scale): its update depends on the base "
+                             f"model's weight; merge it into a checkpoint with merge_lora.py --sd_model")
+        return am.delta_weight(parts, self.modules[name].weight_shape, name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.modules)
@@ -115,37 +148,108 @@ class LoRAFile:
         self.close()
 
 
-def _group_keys(f: TensorFile, path: Path) -> dict[str, ModuleInfo]:
-    names: dict[str, dict[str, str]] = {}
-    for key in f.keys():
-        for suffix in (DOWN, UP, ALPHA):
-            if key.endswith(suffix):
-                names.setdefault(key[: -len(suffix)], {})[suffix] = key
-                break
-        else:
-            raise CheckpointError(_foreign_key_message(path, key))
+def _describe(info: ModuleInfo) -> str:
+    return {"loha": "LoHa", "lokr": "LoKr"}.get(info.algo, "DoRA / LoCon-CP LoRA")
+
+
+def _group_keys(f: TensorFile, path: Path, keys) -> dict[str, ModuleInfo]:
+    from networks import adapter_math as am
+
     modules: dict[str, ModuleInfo] = {}
-    for name, parts in names.items():
-        if DOWN not in parts or UP not in parts:
-            missing = "lora_down.weight" if DOWN not in parts else "lora_up.weight"
-            raise CheckpointError(f"{path}: module {name} has no {missing}")
-        down, up = f.shape(name + DOWN), f.shape(name + UP)
-        if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0] or (len(up) == 4 and tuple(up[2:]) != (1, 1)):
-            raise CheckpointError(f"{path}: module {name} has inconsistent shapes lora_down {list(down)}, lora_up {list(up)}")
-        modules[name] = ModuleInfo(name, tuple(down), tuple(up), ALPHA in parts)
+    proj_is_conv = _proj_is_conv(f.metadata, keys, f)
+    for name, parts in keys.parts.items():
+        shapes = {part: tuple(keys.shape(f, f"{name}.{part}")) for part in parts}
+        try:
+            algo = am.algo_of(shapes, name)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        plain = algo == "lora" and set(shapes) <= {"lora_down.weight", "lora_up.weight", "alpha"}
+        if plain:
+            down, up = shapes["lora_down.weight"], shapes["lora_up.weight"]
+            if len(down) not in (2, 4) or len(up) != len(down) or up[1] != down[0] or \
+                    (len(up) == 4 and tuple(up[2:]) != (1, 1)):
+                raise CheckpointError(f"{path}: module {name} has inconsistent shapes lora_down {list(down)}, "
+                                      f"lora_up {list(up)}")
+            modules[name] = ModuleInfo(name, down, up, "alpha" in shapes)
+            continue
+        weight_shape = adapter_weight_shape(name, shapes, proj_is_conv)
+        rank = min(am.rank_of({k: torch.empty(v, device="meta") for k, v in shapes.items()}) or 1,
+                   weight_shape[0], math.prod(weight_shape[1:]))
+        down = (rank, *weight_shape[1:])
+        up = (weight_shape[0], rank, *([1, 1] if len(weight_shape) == 4 else []))
+        modules[name] = ModuleInfo(name, down, up, "alpha" in shapes, algo, False)
     if not modules:
         raise CheckpointError(f"{path}: holds no LoRA modules (no *.lora_down.weight keys)")
     return modules
 
 
+def _proj_is_conv(metadata: Mapping[str, str], keys, f: TensorFile) -> bool:
+    """Whether the file is for SD 1.x (proj_in/out are 1x1 convs): not when its metadata or names say SD 2.x / SDXL
+    (lora_te1_/lora_te2_, SGM UNet names, ss_v2, a 1024-wide text encoder)."""
+    base = (metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "").lower()
+    if metadata.get("ss_v2") == "True" or base.startswith(("sd_v2", "stable-diffusion-v2", "sdxl",
+                                                            "stable-diffusion-xl")):
+        return False
+    for name, parts in keys.parts.items():
+        if name.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
+                            "lora_unet_middle_block")):
+            return False
+        if name.startswith("lora_te_") and name.endswith("q_proj") and "lora_down.weight" in parts:
+            return keys.shape(f, f"{name}.lora_down.weight")[1] != 1024
+    return True
+
+
+def adapter_weight_shape(name: str, shapes: Mapping[str, tuple[int, ...]], proj_is_conv: bool = True
+                         ) -> tuple[int, ...]:
+    """The layer weight shape of a LoHa / LoKr / DoRA / CP module from its tensor shapes.
+
+    Exact where a tensor carries the kernel (LoKr's full w2, Tucker cores, `lora_mid`, 4-D LoRA factors) or the
+    input width (`dora_scale`); otherwise LoHa / LoKr factors hold in * kh * kw flattened, and the kernel comes from
+    the module name (`networks.lora_names.conv_kernel_of_name`; `proj_is_conv` for SD 1.x files).
+    """
+    from networks.lora_names import conv_kernel_of_name
+
+    if "lora_down.weight" in shapes:
+        down, up, mid = shapes["lora_down.weight"], shapes["lora_up.weight"], shapes.get("lora_mid.weight")
+        if mid:
+            return (up[0], down[1], *mid[2:])
+        if len(down) == 4:
+            return (up[0], *down[1:])
+        out, flat_in = up[0], down[1]
+    elif "hada_w1_a" in shapes:
+        t1 = shapes.get("hada_t1")
+        if t1:
+            return (shapes["hada_w1_a"][1], shapes["hada_w1_b"][1], *t1[2:])
+        out, flat_in = shapes["hada_w1_a"][0], math.prod(shapes["hada_w1_b"][1:])
+    else:
+        w1 = shapes.get("lokr_w1") or (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
+        if "lokr_w2" in shapes:
+            w2 = shapes["lokr_w2"]
+            return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+        if "lokr_t2" in shapes:
+            t2 = shapes["lokr_t2"]
+            return (w1[0] * shapes["lokr_w2_a"][1], w1[1] * shapes["lokr_w2_b"][1], *t2[2:])
+        out, flat_in = w1[0] * shapes["lokr_w2_a"][0], w1[1] * math.prod(shapes["lokr_w2_b"][1:])
+    dora = shapes.get("dora_scale")
+    if dora is not None and len(dora) >= 2 and flat_in % dora[1] == 0 and flat_in != dora[1]:
+        k = math.isqrt(flat_in // dora[1])
+        return (out, dora[1], k, flat_in // dora[1] // k)
+    if dora is not None and len(dora) == 4:
+        return (out, flat_in, 1, 1)
+    kernel = conv_kernel_of_name(name, proj_is_conv)
+    if kernel == (3, 3) and flat_in % 9 == 0:
+        return (out, flat_in // 9, 3, 3)
+    if kernel == (1, 1):
+        return (out, flat_in, 1, 1)
+    return (out, flat_in)
+
+
 def _foreign_key_message(path: Path, key: str) -> str:
     kind = ""
-    if any(s in key for s in ("hada_", "lokr_", "lora_mid", ".diff", "oft_")):
-        kind = " (a LyCORIS LoHa/LoKr/LoCon-CP/OFT tensor)"
-    elif "lora_A" in key or "lora.down" in key:
-        kind = " (a diffusers/PEFT-format LoRA)"
-    return (f"{path}: key {key}{kind} is not a kohya LoRA key; expected <module>.lora_down.weight, "
-            f"<module>.lora_up.weight and <module>.alpha")
+    if any(s in key for s in (".diff", "oft_", "boft_", ".w_norm", "glora")):
+        kind = " (a LyCORIS full/OFT/BOFT/GLoRA tensor, a format these tools do not read)"
+    return (f"{path}: key {key}{kind} is not a key of a LoRA, LoHa, LoKr or DoRA file; expected <module>.lora_down"
+            f".weight / lora_up.weight / alpha, hada_*, lokr_* or dora_scale")
 
 
 def open_loras(paths: Sequence[str | os.PathLike]) -> list[LoRAFile]:

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from networks.lora_math import (ALPHA, DOWN, FAMILY_NAMES, UP, LoRAFile, ModuleInfo, check_same_family, dims_metadata,
-                                families_compatible,
+                                delta_weight, families_compatible,
                                 factorize, merged_metadata, open_loras, source_record)
 
 logger = logging.getLogger(__name__)
@@ -168,21 +168,29 @@ def svd_merge_loras(paths: Sequence[str | os.PathLike], ratios: Sequence[float],
         out: dict[str, torch.Tensor] = {}
         reports: list[ModuleReport] = []
         for name, info in tqdm(modules.items(), desc="svd merge", unit="module"):
-            ups, downs = [], []
+            ups, downs, dense = [], [], []
             for lora, ratio in zip(loras, ratios):
-                if name in lora.modules:
+                if name in lora.modules and lora.modules[name].plain:
                     m = lora.load(name, dtype, device)
                     ups.append(m.up.float() * (ratio * m.scale))
                     downs.append(m.down.float())
+                elif name in lora.modules:  # LoHa / LoKr / CP: its delta, factorised with the others below
+                    dense.append(lora.delta(name, dtype, device).float() * ratio)
             rank = conv_rank if info.is_conv3x3 else new_rank
-            fact = factorize(info.weight_shape, rank, ups=ups, downs=downs)
+            if dense:
+                delta = sum(dense) + sum(delta_weight(u, d) for u, d in zip(ups, downs))
+                fact = factorize(info.weight_shape, rank, delta=delta.reshape(info.weight_shape))
+            else:
+                fact = factorize(info.weight_shape, rank, ups=ups, downs=downs)
             _store(out, name, fact.up, fact.down, float(fact.rank))
-            reports.append(ModuleReport(name, sum(d.shape[0] for d in downs), fact.rank,
+            reports.append(ModuleReport(name, sum(lora.modules[name].rank for lora in loras if name in lora.modules),
+                                        fact.rank,
                                         fact.fro_retained_fraction, fact.relative_error, fact.solver))
         recipe = {"method": "svd_merge", "new_rank": new_rank, "new_conv_rank": conv_rank,
                   "models": [source_record(lora, r) for lora, r in zip(loras, ratios)]}
         metadata = merged_metadata([lora.metadata for lora in loras], recipe)
         metadata.update(dims_metadata([r.new_rank for r in reports], [r.new_rank for r in reports]))
+        _drop_algo_args(metadata)
         _set_family(metadata, family)
         return out, metadata, reports
     finally:
@@ -199,10 +207,16 @@ def resize_lora(path: str | os.PathLike, new_rank: int, *, dynamic_method: str |
         out: dict[str, torch.Tensor] = {}
         reports: list[ModuleReport] = []
         for name, info in tqdm(lora.modules.items(), desc="resizing", unit="module"):
-            m = lora.load(name, torch.float32, device)
-            fact = factorize(info.weight_shape, new_rank, ups=[m.up], downs=[m.down],
-                             dynamic_method=dynamic_method, dynamic_param=dynamic_param)
-            _store(out, name, fact.up, fact.down, m.scale * fact.rank)
+            if info.plain:
+                m = lora.load(name, torch.float32, device)
+                fact = factorize(info.weight_shape, new_rank, ups=[m.up], downs=[m.down],
+                                 dynamic_method=dynamic_method, dynamic_param=dynamic_param)
+                scale = m.scale
+            else:  # LoHa / LoKr / CP: the SVD of its delta, written as a LoRA of scale 1
+                fact = factorize(info.weight_shape, new_rank, delta=lora.delta(name, torch.float32, device),
+                                 dynamic_method=dynamic_method, dynamic_param=dynamic_param)
+                scale = 1.0
+            _store(out, name, fact.up, fact.down, scale * fact.rank)
             reports.append(ModuleReport(name, info.rank, fact.rank, fact.fro_retained_fraction,
                                         fact.relative_error, fact.solver))
         metadata = dict(lora.metadata)
@@ -210,6 +224,7 @@ def resize_lora(path: str | os.PathLike, new_rank: int, *, dynamic_method: str |
     metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
     metadata.update(dims_metadata([r.new_rank for r in reports],
                                   [float(out[r.name + ALPHA]) for r in reports]))
+    _drop_algo_args(metadata)
     how = f"dynamic resize with {dynamic_method}: {dynamic_param}" if dynamic_method else f"resized to {new_rank}"
     old = str(old_ranks[0]) if len(old_ranks) == 1 else "Dynamic"
     comment = metadata.get("ss_training_comment", "")
@@ -221,6 +236,12 @@ def _store(out: dict[str, torch.Tensor], name: str, up: torch.Tensor, down: torc
     out[name + DOWN] = down.detach().cpu().contiguous()
     out[name + UP] = up.detach().cpu().contiguous()
     out[name + ALPHA] = torch.tensor(float(alpha), dtype=torch.float32)
+
+
+def _drop_algo_args(metadata: dict[str, str]) -> None:
+    """The output is a LoRA: LyCORIS args of a LoHa / LoKr input (`algo`, `factor`, ...) no longer describe it."""
+    if "algo" in metadata.get("ss_network_args", ""):
+        del metadata["ss_network_args"]
 
 
 def _set_family(metadata: dict[str, str], family: str | None) -> None:

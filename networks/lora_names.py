@@ -32,6 +32,9 @@ PREFIX_TE = "lora_te"
 UNET_TARGET_CLASSES = ("Transformer2DModel",)
 UNET_CONV_TARGET_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGET_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+# layers outside the target classes that LyCORIS files (its "full" presets) and ComfyUI / the webui also adapt
+UNET_EXTRA_TARGETS = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
+                      "add_embedding.linear_1", "add_embedding.linear_2")
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,9 @@ def text_encoder_targets(text_encoders: Sequence[torch.nn.Module]) -> dict[str, 
 
 
 def unet_targets(unet: torch.nn.Module, include_conv3x3: bool = False,
-                 sdxl: bool | None = None) -> dict[str, LoRATarget]:
-    """LoRA targets of the UNet: Transformer2DModel layers, plus ResNet / sampler layers for C3Lier."""
+                 sdxl: bool | None = None, include_extra: bool = False) -> dict[str, LoRATarget]:
+    """LoRA targets of the UNet: Transformer2DModel layers, plus ResNet / sampler layers for C3Lier, plus
+    `UNET_EXTRA_TARGETS` (conv_in, conv_out, time / add embeddings) with `include_extra`."""
     sdxl = is_sdxl_unet(unet) if sdxl is None else sdxl
     classes = UNET_TARGET_CLASSES + (UNET_CONV_TARGET_CLASSES if include_conv3x3 else ())
     config = unet.config
@@ -131,21 +135,32 @@ def unet_targets(unet: torch.nn.Module, include_conv3x3: bool = False,
             format_path = ldm_path if sdxl else path
             lora_name = f"{PREFIX_UNET}_{format_path.replace('.', '_')}"
             targets[lora_name] = LoRATarget(lora_name, "unet", path, child, kind, block_index(ldm_path, sdxl))
+    if include_extra:
+        modules = dict(unet.named_modules())
+        for path in UNET_EXTRA_TARGETS:
+            module = modules.get(path)
+            kind = module_kind(module) if module is not None else None
+            if kind is None:
+                continue
+            ldm_path = diffusers_to_ldm_module(path, config)
+            lora_name = f"{PREFIX_UNET}_{(ldm_path if sdxl else path).replace('.', '_')}"
+            targets[lora_name] = LoRATarget(lora_name, "unet", path, module, kind, block_index(ldm_path, sdxl))
     return targets
 
 
 def lora_targets(text_encoders, unet: torch.nn.Module | None, sdxl: bool | None = None,
-                 include_conv3x3: bool = False) -> dict[str, LoRATarget]:
+                 include_conv3x3: bool = False, include_extra: bool = False) -> dict[str, LoRATarget]:
     """All LoRA targets {lora_name: LoRATarget}: text encoders first, then the UNet (kohya's order).
 
     `text_encoders` is one model, a list ([te1, te2] for SDXL) or None; `unet` may be None.
     `include_conv3x3` selects the LoRA-C3Lier target set (adds ResnetBlock2D / Downsample2D / Upsample2D layers,
     including their Linear time_emb_proj and 1x1 conv_shortcut). `sdxl` (default: from the UNet config) picks
-    the SGM naming of UNet layers. Works on meta-device models too (only names and shapes are read).
+    the SGM naming of UNet layers. `include_extra` adds conv_in, conv_out and the time / add embeddings (layers
+    LyCORIS files adapt). Works on meta-device models too (only names and shapes are read).
     """
     targets = text_encoder_targets(as_text_encoder_list(text_encoders))
     if unet is not None:
-        targets.update(unet_targets(unet, include_conv3x3, sdxl))
+        targets.update(unet_targets(unet, include_conv3x3, sdxl, include_extra))
     return targets
 
 
@@ -160,7 +175,7 @@ class LoRANameResolver:
     def __init__(self, text_encoders, unet: torch.nn.Module | None, sdxl: bool | None = None):
         self.text_encoders = as_text_encoder_list(text_encoders)
         self.sdxl = (is_sdxl_unet(unet) if unet is not None else len(self.text_encoders) > 1) if sdxl is None else sdxl
-        self.targets = lora_targets(self.text_encoders, unet, self.sdxl, include_conv3x3=True)
+        self.targets = lora_targets(self.text_encoders, unet, self.sdxl, include_conv3x3=True, include_extra=True)
         self.aliases: dict[str, str] = {}
         if unet is not None:
             unet_paths = [t.path for t in self.targets.values() if t.is_unet]
@@ -195,6 +210,25 @@ def split_key(key: str) -> tuple[str, str]:
 def lora_names_in(keys: Iterable[str]) -> list[str]:
     """The distinct module names (text before the first dot) of state-dict keys, in first-seen order."""
     return list(dict.fromkeys(split_key(k)[0] for k in keys))
+
+
+_CONV3X3_NAME = re.compile(r"_(conv1|conv2|conv|conv_in|conv_out|in_layers_2|out_layers_3|op|input_blocks_0_0|out_2)$")
+_CONV1X1_NAME = re.compile(r"_(conv_shortcut|skip_connection)$")
+_PROJ_NAME = re.compile(r"_(proj_in|proj_out)$")
+
+
+def conv_kernel_of_name(lora_name: str, proj_is_conv: bool) -> tuple[int, int] | None:
+    """The kernel of a UNet module from its name alone, in either layout: (3, 3) for SD's 3x3 convs (ResNet
+    conv1/conv2, samplers, conv_in/out), (1, 1) for the ResNet shortcuts and, where `proj_is_conv` (SD 1.x),
+    the transformers' proj_in/proj_out; None for a Linear. Used where a file stores a conv's kernel flattened
+    (LoHa / LoKr factors) and no model is at hand."""
+    if not lora_name.startswith("lora_unet_"):
+        return None
+    if _CONV3X3_NAME.search(lora_name):
+        return (3, 3)
+    if _CONV1X1_NAME.search(lora_name) or (proj_is_conv and _PROJ_NAME.search(lora_name)):
+        return (1, 1)
+    return None
 
 
 _SD_UNET_NAME = re.compile(r"^lora_unet_(down_blocks|up_blocks|mid_block)_")

@@ -2,7 +2,8 @@
 
 `networks.lora_names` defines the targets on models; building even empty (meta-device) models means importing
 diffusers and transformers, several seconds that a merge or extract otherwise does not need. The table
-(`[name, component, path, kind, weight shape, c3lier_only]` rows plus the accepted aliases) is looked up in:
+(`[name, component, path, kind, weight shape, c3lier_only]` rows, c3lier_only "extra" for conv_in / conv_out /
+embeddings, which only LyCORIS-style files adapt, plus the accepted aliases) is looked up in:
 
 1. the user cache `~/.cache/sd-lora-suite/lora_targets/` (or `$SD_LORA_SUITE_CACHE/lora_targets/`), keyed by
    the configs and the source of `lora_names.py` / `unet_layout.py` (a code change invalidates it);
@@ -54,7 +55,9 @@ def build_target_table(layout: lc.LdmLayout) -> dict:
     unet, tes = meta_models(layout)
     resolver = LoRANameResolver(tes, unet, sdxl=layout.is_sdxl)
     lierla = lora_targets(tes, unet, sdxl=layout.is_sdxl, include_conv3x3=False)
-    return {"targets": [[n, t.component, t.path, t.kind, list(t.module.weight.shape), n not in lierla]
+    c3lier = lora_targets(tes, unet, sdxl=layout.is_sdxl, include_conv3x3=True)
+    return {"targets": [[n, t.component, t.path, t.kind, list(t.module.weight.shape),
+                         (n not in lierla) if n in c3lier else "extra"]
                         for n, t in resolver.targets.items()],
             "aliases": dict(resolver.aliases)}
 

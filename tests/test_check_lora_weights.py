@@ -71,8 +71,8 @@ def test_against_a_model_file(tmp_path, capsys):
 def test_errors(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         check_lora_weights.main([str(tmp_path / "nope.safetensors")])
-    path = write_lora(tmp_path / "x.safetensors", {"unet.lora_A.weight": torch.zeros(2, 2)})
-    with pytest.raises(SystemExit, match="diffusers/PEFT-format LoRA"):
+    path = write_lora(tmp_path / "x.safetensors", {"unet.conv_in.oft_blocks": torch.zeros(2, 2)})
+    with pytest.raises(SystemExit, match="LyCORIS OFT tensor, a format these tools do not read"):
         check_lora_weights.main([path])
     with pytest.raises(SystemExit, match="--arch or --sd_model, not both"):
         check_lora_weights.main([path, "--arch", "sd1", "--sd_model", path])

@@ -76,7 +76,9 @@ def test_our_side_runs_and_reports_on_a_tiny_model(tmp_path):
     report = json.loads(out.read_text())["training"]["sd15_fp32"]
     assert len(report["runs"]["ours"]) == 2 and "theirs" not in report
     for run in report["runs"]["ours"]:
-        assert len(run["step_times"]) == 3 and min(run["step_times"]) > 0 and 0.1 < run["peak_rss_gib"] < 6
+        # every step seen; two fast steps can arrive in one read of the pipe (a 0 s difference), so only the sum
+        assert len(run["step_times"]) == 3 and min(run["step_times"]) >= 0 and sum(run["step_times"]) > 0
+        assert 0.1 < run["peak_rss_gib"] < 6
         assert run["wall_s"] > sum(run["step_times"])
     assert report["ours"]["s_per_step"] > 0
     assert "| sd15_fp32 |" in proc.stdout
