@@ -6,12 +6,13 @@
 
 Takes the training scripts' options; see docs/cache_text_encoder_outputs.md.
 """
+import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from library.cache_tools import main  # noqa: E402
+from library.cache_tools import main
 
 if __name__ == "__main__":
     main("text_encoder_outputs")
