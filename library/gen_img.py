@@ -65,7 +65,8 @@ def build_parser(sdxl: bool) -> argparse.ArgumentParser:
     g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     g.add_argument("--xformers", action="store_true", help="xformers memory-efficient attention (CUDA only)")
     g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
-    g.add_argument("--mem_eff_attn", action="store_true", help="memory-efficient attention (uses SDPA)")
+    g.add_argument("--mem_eff_attn", action="store_true",
+                   help="memory-efficient attention in plain PyTorch, any device (query chunks)")
     g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory format for the models")
     g.add_argument("--textual_inversion_embeddings", nargs="*",
                    help="Textual Inversion embedding files; the token is the file name without extension")
@@ -257,6 +258,10 @@ def prepare_components(comps, args: argparse.Namespace, dtype: torch.dtype, devi
     if args.xformers or args.diffusers_xformers:
         comps.unet.enable_xformers_memory_efficient_attention()
         comps.vae.enable_xformers_memory_efficient_attention()
+    elif args.mem_eff_attn:  # plain-PyTorch chunked attention (library.attention), any device
+        from library.attention import ChunkedAttnProcessor
+
+        comps.unet.set_attn_processor(ChunkedAttnProcessor())
     else:
         from diffusers.models.attention_processor import AttnProcessor2_0
 

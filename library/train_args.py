@@ -81,7 +81,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--max_grad_norm", type=float, default=1.0, help="gradient clipping norm, 0 for none (default 1)")
     _add(g, "--sdpa", action="store_true", help="PyTorch scaled dot product attention (the default)")
     _add(g, "--xformers", action="store_true", help="xformers attention (needs xformers with CUDA)")
-    _add(g, "--mem_eff_attn", action="store_true", help="memory-efficient attention (CUDA only)")
+    _add(g, "--mem_eff_attn", action="store_true",
+         help="memory-efficient attention in plain PyTorch, any device (query chunks; slower than SDPA)")
     _add(g, "--clip_skip", type=int, default=None, help="use the output of the n-th last text encoder layer")
     _add(g, "--max_token_length", type=int, default=None, choices=[None, 150, 225],
          help="extend captions to 150 or 225 tokens (default 75)")
@@ -297,8 +298,6 @@ def attention_problem(args: argparse.Namespace) -> str | None:
             return "--xformers: xformers is not installed (pip install xformers); the default SDPA attention needs nothing"
         if not torch.cuda.is_available():
             return "--xformers: xformers attention needs a CUDA GPU; leave it out to use SDPA (the default)"
-    if args.mem_eff_attn and not torch.cuda.is_available():
-        return "--mem_eff_attn: needs a CUDA GPU; leave it out to use SDPA (the default, also memory-efficient)"
     return None
 
 
@@ -357,6 +356,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     if problem:
         raise ValueError(problem)
     optimizers.check_optimizer_available(optimizer_name(args))
+    part_lrs = {"--text_encoder_lr": None if args.network_train_unet_only else args.text_encoder_lr or args.learning_rate,
+                "--unet_lr": None if args.network_train_text_encoder_only else args.unet_lr or args.learning_rate}
+    optimizers.check_single_lr(optimizer_name(args), part_lrs)
     lr_schedulers.check_scheduler_name(args.lr_scheduler_type or args.lr_scheduler)
     if args.sample_prompts:
         _need(Path(args.sample_prompts).suffix.lower() in (".txt", ".toml", ".json"),
