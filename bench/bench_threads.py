@@ -5,7 +5,7 @@
 Each variant runs `train_network.py` on the demo (examples/tiny_lora, the tiny SD 1.x model in output/tiny_sd1,
 built if missing) in its own process for --steps steps, without samples or saves; the variants are interleaved
 round by round, so a change in the machine's load hits all of them alike. "busy" runs a busy loop on one core
-(at the same nice level) for the duration of the run. Prints the wall seconds of each run (the process start,
+(under `nice -n --busy_nice`) for the duration of the run. Prints the wall seconds of each run (the process start,
 about 10 s, included) and writes JSON (--json). See docs/benchmarks.md ("CPU threads").
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ MODEL = ROOT / "output" / "tiny_sd1"
 BUSY_LOOP = "while True: pass"
 
 
-def run_once(threads: int, policy: str, busy: bool, steps: int, out_dir: str) -> float:
+def run_once(threads: int, policy: str, busy: bool, steps: int, out_dir: str, busy_nice: int = 0) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     if policy != "default":
@@ -35,7 +35,7 @@ def run_once(threads: int, policy: str, busy: bool, steps: int, out_dir: str) ->
            "--dataset_config", "examples/tiny_lora/dataset.toml", "--pretrained_model_name_or_path", str(MODEL),
            "--output_dir", out_dir, "--max_train_steps", str(steps), "--sample_every_n_epochs", "1000",
            "--save_every_n_epochs", "1000"]
-    loop = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if busy else None
+    loop = subprocess.Popen(["nice", "-n", str(busy_nice), sys.executable, "-c", BUSY_LOOP]) if busy else None
     try:
         start = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--threads", default="1,2", help="OMP_NUM_THREADS values")
     p.add_argument("--policies", default="default,PASSIVE,ACTIVE", help="OMP_WAIT_POLICY values (default: unset)")
     p.add_argument("--load", default="idle,busy", help="idle and/or busy (one core running a busy loop)")
+    p.add_argument("--busy_nice", type=int, default=0, help="nice increment of the busy loop (default 0: as the run)")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "threads.json"), help="results file")
     args = p.parse_args()
     if not (MODEL / "model_index.json").exists():
@@ -65,7 +66,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for threads, policy, busy in variants:
                 name = f"threads={threads} policy={policy} {'busy' if busy else 'idle'}"
-                seconds = run_once(threads, policy, busy, args.steps, tmp)
+                seconds = run_once(threads, policy, busy, args.steps, tmp, args.busy_nice)
                 times.setdefault(name, []).append(seconds)
                 print(f"{name}: {seconds:.1f} s", flush=True)
     print(f"\nmedian wall seconds for {args.steps} steps (process start included):")

@@ -31,7 +31,8 @@ def test_demo_config_trains_and_prints_where_outputs_are(tmp_path, capsys, monke
 
 def test_run_demo_script_uses_the_bundled_files():
     script = (ROOT / "run_demo.sh").read_text()
-    assert "accelerate\" launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no" in script
+    assert 'accelerate" launch -q --config_file examples/accelerate/single_process.yaml --cpu' in script
+    assert '--num_cpu_threads_per_process "${OMP_NUM_THREADS:-1}" train_network.py' in script
     for path in ("examples/tiny_lora/args.toml", "examples/tiny_lora/dataset.toml", "tools/make_tiny_model.py"):
         assert path in script and (ROOT / path).exists()
     images = list((ROOT / "examples/tiny_lora/images/4_sks shape").glob("*.png"))
