@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.sd_model:
         reference, ref_name = reference_from_checkpoint(args.sd_model), args.sd_model
     result = check_lora(args.file, reference, ref_name)
-    if args.problems_only:
-        result.rows = [r for r in result.rows if r.problems]
-    print(format_table(result))
+    print(format_table(result, args.problems_only))
     if not result.ok:
         for p in result.problems:
             logger.warning(p)
