@@ -229,7 +229,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     With `--output_config` the arguments are written to the config file (the `.toml` suffix added if missing)
     and the program exits.
     """
-    args = parser.parse_args(argv)
+    from library.switch_flags import make_switchable  # `--save_state false` / `--no-save_state` (issue 19)
+
+    args = make_switchable(parser).parse_args(argv)
     if not args.config_file:
         if args.output_config:
             parser.error("--output_config needs --config_file (the file to write)")

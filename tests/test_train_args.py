@@ -146,3 +146,21 @@ def test_adaptive_optimizer_refuses_different_group_lrs_before_its_first_step():
               {"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.5}]
     with pytest.raises(ValueError, match="group 0 lr 1, group 1 lr 0.5 differ"):
         optimizers.build_optimizer("DAdaptAdam", groups, 1.0)
+
+
+def test_a_flag_set_in_the_config_file_can_be_turned_off_on_the_command_line(tmp_path, capsys):
+    cfg = tmp_path / "args.toml"
+    cfg.write_text("[saving]\nsave_state = true\n[training]\ngradient_checkpointing = true\n")
+    p = _parser()
+    base = ["--config_file", str(cfg)]
+    assert train_args.parse_args(p, base).save_state is True
+    assert train_args.parse_args(p, base + ["--save_state", "false"]).save_state is False
+    assert train_args.parse_args(p, base + ["--no-save_state"]).save_state is False
+    off = train_args.parse_args(p, base + ["--save_state", "no", "--gradient_checkpointing", "off"])
+    assert (off.save_state, off.gradient_checkpointing) == (False, False)
+    assert train_args.parse_args(p, ["--save_state"]).save_state is True
+    assert train_args.parse_args(p, ["--gradient_checkpointing", "true"]).gradient_checkpointing is True
+    assert train_args.parse_args(p, []).save_state is False
+    with pytest.raises(SystemExit):
+        train_args.parse_args(p, ["--save_state", "maybe"])
+    assert "--save_state: expected true or false, got 'maybe'" in capsys.readouterr().err
