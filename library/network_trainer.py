@@ -207,7 +207,8 @@ class NetworkTrainer:
         scheduler = lr_schedulers.build_scheduler(
             name, result.optimizer, args.max_train_steps * self.accelerator.num_processes,
             args.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_args,
-            initial_lr=result.initial_lr)
+            initial_lr=result.initial_lr, min_lr_ratio=args.lr_scheduler_min_lr_ratio, decay_steps=args.lr_decay_steps,
+            timescale=args.lr_scheduler_timescale)
         if args.full_fp16:
             _allow_fp16_gradient_unscale(self.accelerator)
         self.network, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.network, result.optimizer,
@@ -310,8 +311,8 @@ class NetworkTrainer:
                 init_kwargs = toml.load(args.log_tracker_config)
             if args.wandb_run_name:
                 init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
-            self.accelerator.init_trackers(args.log_tracker_name or "network_train", config=None,
-                                           init_kwargs=init_kwargs)
+            self.accelerator.init_trackers(args.log_tracker_name or "network_train", init_kwargs=init_kwargs,
+                                           config=train_args.tracker_config(args) if args.log_config else None)
         logger.info("training: %d batches per epoch, %d epochs, %d steps, %d trainable tensors",
                     len(self.dataset), self.num_epochs, args.max_train_steps, len(self.trainable))
         from tqdm import tqdm
