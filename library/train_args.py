@@ -227,6 +227,10 @@ REFUSED_OPTIONS = {  # option: why it is refused (one line, with what to do inst
     "initial_step": "not supported; --resume <state folder> continues at the saved step, epoch and lr",
     "initial_epoch": "not supported; --resume <state folder> continues at the saved step, epoch and lr",
     "skip_until_initial_step": "not supported; --resume <state folder> continues at the saved step and epoch",
+    "resize_interpolation": "not supported; images are resized with OpenCV's area filter when shrinking and "
+                            "Lanczos when enlarging (sd-scripts' default)",
+    "skip_cache_check": "not supported; the latent cache check reads only each .npz header, and a stale cache is "
+                        "recomputed rather than trusted",
 }
 
 

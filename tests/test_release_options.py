@@ -121,3 +121,14 @@ def test_options_not_implemented_are_refused_with_the_reason(tmp_path, argv, mes
     with pytest.raises(ValueError) as e:
         train_args.validate_args(args)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("script", ["sdxl_merge_lora", "svd_merge_lora"])
+def test_lbws_is_refused_with_one_line(tmp_path, script):
+    import importlib
+
+    module = importlib.import_module(f"networks.{script}")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--models", "a.safetensors", "--save_to", str(tmp_path / "o.safetensors"), "--lbws",
+                     "[1,1,1]"])
+    assert "--lbws: per-block weights of each merged LoRA (LoRA Block Weight) are not supported" in str(e.value.code)
