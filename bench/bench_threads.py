@@ -26,7 +26,9 @@ MODEL = ROOT / "output" / "tiny_sd1"
 BUSY_LOOP = "while True: pass"
 
 
-def run_once(threads: int, policy: str, busy: bool, steps: int, out_dir: str, busy_nice: int = 0) -> float:
+def run_once(threads: int, policy: str, busy: bool, steps: int, out_dir: str, busy_nice: int = 0,
+             timeout: float | None = None) -> float:
+    """Wall seconds of one run; `inf` when it ran past `timeout` (then it is stopped)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     if policy != "default":
@@ -38,7 +40,10 @@ def run_once(threads: int, policy: str, busy: bool, steps: int, out_dir: str, bu
     loop = subprocess.Popen(["nice", "-n", str(busy_nice), sys.executable, "-c", BUSY_LOOP]) if busy else None
     try:
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+        try:
+            subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return float("inf")
         return time.perf_counter() - start
     finally:
         if loop is not None:
@@ -54,6 +59,9 @@ def main() -> None:
     p.add_argument("--policies", default="default,PASSIVE,ACTIVE", help="OMP_WAIT_POLICY values (default: unset)")
     p.add_argument("--load", default="idle,busy", help="idle and/or busy (one core running a busy loop)")
     p.add_argument("--busy_nice", type=int, default=0, help="nice increment of the busy loop (default 0: as the run)")
+    p.add_argument("--timeout", type=float, default=None, help="stop a run after this many seconds (shown as inf)")
+    p.add_argument("--variants", default=None,
+                   help="only these variants, e.g. '2:PASSIVE:idle,2:PASSIVE:busy' (threads:policy:load)")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "threads.json"), help="results file")
     args = p.parse_args()
     if not (MODEL / "model_index.json").exists():
@@ -61,12 +69,14 @@ def main() -> None:
                         "diffusers", "--output", str(MODEL)], cwd=ROOT, check=True)
     variants = list(itertools.product([int(t) for t in args.threads.split(",")], args.policies.split(","),
                                       [x == "busy" for x in args.load.split(",")]))
+    if args.variants:
+        variants = [(int(t), pol, load == "busy") for t, pol, load in (v.split(":") for v in args.variants.split(","))]
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             for threads, policy, busy in variants:
                 name = f"threads={threads} policy={policy} {'busy' if busy else 'idle'}"
-                seconds = run_once(threads, policy, busy, args.steps, tmp, args.busy_nice)
+                seconds = run_once(threads, policy, busy, args.steps, tmp, args.busy_nice, args.timeout)
                 times.setdefault(name, []).append(seconds)
                 print(f"{name}: {seconds:.1f} s", flush=True)
     print(f"\nmedian wall seconds for {args.steps} steps (process start included):")

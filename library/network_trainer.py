@@ -110,8 +110,6 @@ class NetworkTrainer:
 
         self.dataset = build_dataset_group(args, self.components.tokenizers, self.sdxl, config=self.data_config)
         self.dataset.describe()
-        if getattr(args, "debug_dataset", False):
-            return
         self.noise_scheduler = noise.make_noise_scheduler(self.components.scheduler_config, self.v_param,
                                                           args.zero_terminal_snr)
         if args.base_weights:
@@ -495,6 +493,11 @@ def _save_dtype(name: str | None) -> torch.dtype | None:
 
 def train(args: argparse.Namespace, sdxl: bool = False) -> NetworkTrainer:
     """Validate, set up and run a training; returns the trainer (its `final_path`, `samples`, ...)."""
+    if getattr(args, "debug_dataset", False):  # the dataset options and a tokenizer only (library.dataset_debug)
+        from library.dataset_debug import run_debug_dataset
+
+        run_debug_dataset(args, sdxl)
+        return NetworkTrainer(args, sdxl)
     train_args.validate_args(args, sdxl=sdxl)
     if args.output_name is None:
         args.output_name = "last"
@@ -507,11 +510,6 @@ def train(args: argparse.Namespace, sdxl: bool = False) -> NetworkTrainer:
                        "--network_train_unet_only is recommended")
     trainer = NetworkTrainer(args, sdxl)
     trainer.setup()
-    if getattr(args, "debug_dataset", False):
-        from library.dataset_debug import debug_dataset
-
-        debug_dataset(trainer.dataset, args)
-        return trainer
     trainer.final_path = trainer.run()
     return trainer
 
