@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from library import lr_schedulers, noise, optimizers, train_args, train_metadata, train_state
+from library.cpu_threads import apply_default_cpu_threads
 from library.malloc_tuning import keep_freed_memory_for_reuse
 from library.train_setup import (_allow_fp16_gradient_unscale, _place, create_network, load_components,  # noqa: F401
                                  merge_base_weights, optimizer_groups, parse_network_args, release_memory,
@@ -93,6 +94,7 @@ class NetworkTrainer:
         self.device = self.accelerator.device
         if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
             keep_freed_memory_for_reuse()
+        apply_default_cpu_threads(self.device)  # one thread unless OMP_NUM_THREADS says otherwise
         if args.seed is not None:
             from accelerate.utils import set_seed
 
