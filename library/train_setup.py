@@ -36,7 +36,7 @@ def load_components(args: argparse.Namespace, sdxl: bool, dtype: torch.dtype) ->
 def set_attention(unet: torch.nn.Module, args: argparse.Namespace) -> None:
     if args.xformers:
         unet.enable_xformers_memory_efficient_attention()
-    elif args.mem_eff_attn:  # plain-PyTorch chunked attention (library.attention), any device
+    elif getattr(args, "mem_eff_attn", False):  # plain-PyTorch chunked attention (library.attention), any device
         from library.attention import ChunkedAttnProcessor
 
         unet.set_attn_processor(ChunkedAttnProcessor())
