@@ -414,10 +414,10 @@ def _from_toml(path: str, args: argparse.Namespace) -> DataConfig:
 
 
 def _warn_repeat_prefix(sub: SubsetConfig) -> None:
-    """A '10_sks cat' image_dir in a TOML trains num_repeats times, not 10 (as the original, which warns too)."""
+    """A '10_sks cat' image_dir in a TOML trains num_repeats times, not 10: warn when the two differ."""
     name = Path(sub.image_dir or "").name
     head, sep, _ = name.partition("_")
-    if sep and head.isdigit():
+    if sep and head.isdigit() and int(head) != sub.num_repeats:
         logger.warning("%s: image_dir %r: the '%s_' prefix sets no repeats in a dataset config; num_repeats does "
                        "(%d here)", sub.where, name, head, sub.num_repeats)
 

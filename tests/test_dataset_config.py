@@ -243,6 +243,10 @@ resolution = 64
            "(1 here)" in caplog.text
     # found beside the TOML only: nothing to say about where; found in both places: the log says which
     assert "working folder" not in caplog.text
+    caplog.clear()
+    toml_config(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '10_sks cat'\n"
+                          "  num_repeats = 10\n")
+    assert "prefix" not in caplog.text  # prefix and num_repeats agree: nothing to say
     monkeypatch.chdir(tmp_path.parent)
     make_images(tmp_path.parent / "10_sks cat", 1)
     load_dataset_config(parse("--dataset_config", str(tmp_path / "ds.toml")))
