@@ -39,7 +39,8 @@ def test_metadata_console_log_and_log_config_in_a_training_run(tmp_path, monkeyp
               "--save_state", "false", "--metadata_title", "Red Square", "--metadata_author", "me",
               "--metadata_description", "a test", "--metadata_license", "CC0", "--metadata_tags", "shape,red",
               "--console_log_file", str(log_file), "--console_log_level", "warning", "--log_config",
-              "--logging_dir", str(tmp_path / "logs"), "--wandb_api_key", "secret-key"])
+              "--logging_dir", str(tmp_path / "logs"), "--wandb_api_key", "secret-key",
+              "--network_args", "not_an_arg=1"])  # a known warning for the log file
     finally:
         for h in root.handlers:
             if h not in handlers:
@@ -50,7 +51,8 @@ def test_metadata_console_log_and_log_config_in_a_training_run(tmp_path, monkeyp
     assert (meta["modelspec.title"], meta["modelspec.author"], meta["modelspec.description"],
             meta["modelspec.license"], meta["modelspec.tags"]) == ("Red Square", "me", "a test", "CC0", "shape,red")
     text = log_file.read_text()
-    assert "WARNING" in text and " INFO " not in text  # --console_log_level warning, into the file
+    assert "WARNING networks.lora_blocks: network_args not used by networks.lora: not_an_arg" in text
+    assert " INFO " not in text  # --console_log_level warning, into the file
     hparams = list((tmp_path / "logs").rglob("hparams.yml"))
     assert len(hparams) == 1
     logged = hparams[0].read_text()
