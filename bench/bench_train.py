@@ -313,6 +313,7 @@ def worker(opts: argparse.Namespace) -> dict:
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the trainer keeps this count
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.dataprep.clean_tags import clean_metadata
 from library.dataprep.metadata import load_metadata, save_metadata

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
+
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch

@@ -6,7 +6,11 @@ See docs/merge_captions_to_metadata.md.
 """
 from __future__ import annotations
 
+import os
 import sys
+
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.dataprep import merge
 

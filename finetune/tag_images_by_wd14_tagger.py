@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.dataprep import wd14_tagger as wd14
 from library.dataprep.metadata import list_images, report_failures

@@ -23,14 +23,32 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
 
     what = "VAE latents" if kind == "latents" else "text encoder outputs"
     parser = argparse.ArgumentParser(description=f"Cache the {what} of a dataset to disk ahead of training "
-                                     "(same options as the training scripts).")
+                                     "(same options as the training scripts).",
+                                     epilog="Every other option of the training scripts is accepted and ignored, so "
+                                            "a training command line or --config_file works as it is.")
     g = parser.add_argument_group("cache")
     g.add_argument("--sdxl", action="store_true", help="the model is SDXL")
     g.add_argument("--skip_existing", action="store_true",
                    help="accepted for compatibility: valid cache files are always reused")
     add_dataset_arguments(parser)
     train_args.add_all_training_arguments(parser)
+    _hide_unused_options(parser)
     return parser
+
+
+USED_GROUPS = ("cache", "dataset", "model", "config file", "text encoder output caching")
+USED_TRAINING_OPTIONS = ("mixed_precision", "full_fp16", "full_bf16", "clip_skip", "lowram")
+
+
+def _hide_unused_options(parser: argparse.ArgumentParser) -> None:
+    """--help shows what caching uses; the training-only options stay accepted (a training command line works)."""
+    for group in parser._action_groups:
+        if group.title in USED_GROUPS or group.title in ("options", "positional arguments"):
+            continue
+        group.description = None
+        for action in group._group_actions:
+            if action.dest not in USED_TRAINING_OPTIONS:
+                action.help = argparse.SUPPRESS
 
 
 def cache_to_disk(args: argparse.Namespace, kind: str) -> int:

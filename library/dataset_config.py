@@ -412,7 +412,17 @@ def _from_toml(path: str, args: argparse.Namespace) -> DataConfig:
             sub.image_dir = _locate(sub.image_dir, base)
             sub.metadata_file = _locate(sub.metadata_file, base)
             sub.conditioning_data_dir = _locate(sub.conditioning_data_dir, base)
+            _warn_repeat_prefix(sub)
     return config
+
+
+def _warn_repeat_prefix(sub: SubsetConfig) -> None:
+    """A '10_sks cat' image_dir in a TOML trains num_repeats times, not 10: warn when the two differ."""
+    name = Path(sub.image_dir or "").name
+    head, sep, _ = name.partition("_")
+    if sep and head.isdigit() and int(head) != sub.num_repeats:
+        logger.warning("%s: image_dir %r: the '%s_' prefix sets no repeats in a dataset config; num_repeats does "
+                       "(%d here)", sub.where, name, head, sub.num_repeats)
 
 
 def _locate(p: str | None, toml_dir: Path) -> str | None:
@@ -420,13 +430,15 @@ def _locate(p: str | None, toml_dir: Path) -> str | None:
     if p is None:
         return p
     p = os.path.expanduser(p)
-    if os.path.exists(p) or os.path.isabs(p):
+    if os.path.isabs(p):
+        return p
+    if os.path.exists(p):
+        if (toml_dir / p).exists() and (toml_dir / p).resolve() != Path(p).resolve():
+            logger.info("%s: using %s (the working folder), not %s (beside the dataset config)", p,
+                        os.path.abspath(p), toml_dir / p)
         return p
     alt = toml_dir / p
-    if alt.exists():
-        logger.info("%s: not found in the working folder, using %s (relative to the dataset config)", p, alt)
-        return str(alt)
-    return p
+    return str(alt) if alt.exists() else p
 
 
 def parse_repeat_folder(name: str) -> tuple[int, str]:

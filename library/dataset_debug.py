@@ -1,5 +1,9 @@
 """`--debug_dataset`: show what would be trained, without a screen and without loading a model.
 
+`run_debug_dataset(args, sdxl)` needs only the dataset options and a tokenizer (from a Diffusers folder or hub id
+given as --pretrained_model_name_or_path, else --tokenizer_cache_dir or the hub): no model, network or output
+folder.
+
 For every step of the requested epochs it prints the bucket, and per image the file, whether it was flipped,
 its loss weight, the caption after processing and its token count (marking captions that
 `--max_token_length` cuts). With `--debug_dataset_dir` the cropped / augmented images are saved as PNG.
@@ -53,3 +57,21 @@ def debug_dataset(group: DatasetGroup, args: argparse.Namespace, epochs: int = 1
                     Image.fromarray(_to_uint8(batch["images"][k])).save(os.path.join(save_dir, name))
             shown += 1
     return shown
+
+
+def run_debug_dataset(args: argparse.Namespace, sdxl: bool, out: Callable[[str], None] = print) -> int:
+    """The whole `--debug_dataset` run: validate the dataset options, load the tokenizer(s), print the batches."""
+    from library.dataset_config import load_dataset_config
+    from library.datasets import build_dataset_group
+    from library.model_loading import load_tokenizers
+    from library.train_args import _exists, _looks_like_hub_id
+
+    model = getattr(args, "pretrained_model_name_or_path", None)
+    _exists(model, "--pretrained_model_name_or_path")
+    config = load_dataset_config(args)
+    folder = model if model and os.path.isdir(model) else None
+    hub = model if model and not os.path.exists(model) and _looks_like_hub_id(model) else None
+    family = "sdxl" if sdxl else "sd2" if getattr(args, "v2", False) else "sd1"
+    tokenizers = load_tokenizers(family, folder, getattr(args, "tokenizer_cache_dir", None), hub)
+    group = build_dataset_group(args, tokenizers, sdxl, config=config)
+    return debug_dataset(group, args, out=out)

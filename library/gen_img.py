@@ -65,7 +65,8 @@ def build_parser(sdxl: bool) -> argparse.ArgumentParser:
     g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     g.add_argument("--xformers", action="store_true", help="xformers memory-efficient attention (CUDA only)")
     g.add_argument("--diffusers_xformers", action="store_true", help="same as --xformers")
-    g.add_argument("--mem_eff_attn", action="store_true", help="memory-efficient attention (uses SDPA)")
+    g.add_argument("--mem_eff_attn", action="store_true",
+                   help="memory-efficient attention in plain PyTorch, any device (query chunks)")
     g.add_argument("--opt_channels_last", action="store_true", help="channels-last memory format for the models")
     g.add_argument("--textual_inversion_embeddings", nargs="*",
                    help="Textual Inversion embedding files; the token is the file name without extension")
@@ -257,6 +258,10 @@ def prepare_components(comps, args: argparse.Namespace, dtype: torch.dtype, devi
     if args.xformers or args.diffusers_xformers:
         comps.unet.enable_xformers_memory_efficient_attention()
         comps.vae.enable_xformers_memory_efficient_attention()
+    elif args.mem_eff_attn:  # plain-PyTorch chunked attention (library.attention), any device
+        from library.attention import ChunkedAttnProcessor
+
+        comps.unet.set_attn_processor(ChunkedAttnProcessor())
     else:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -398,7 +403,7 @@ def run(args: argparse.Namespace, sdxl: bool, components=None) -> list[str]:
         logger.warning("--am sets the multipliers of applied networks only; merged networks keep theirs")
     defaults = job_defaults(args, sdxl, default_muls)
     strength = args.strength if args.strength is not None else stages.DEFAULT_STRENGTH
-    writer = ImageWriter(args, described, default_muls, comps.vae)
+    writer = ImageWriter(args, described, default_muls, comps.vae, comps.is_sdxl)
     generate_kwargs = dict(clip_skip=args.clip_skip, max_embeddings_multiples=args.max_embeddings_multiples,
                            vae_batch_size=_vae_batch_size(args.vae_batch_size, args.batch_size), networks=networks,
                            network_muls=default_muls, progress=True, text_transform=_textual_inversion(args, comps),
@@ -452,8 +457,8 @@ class ImageWriter:
     """Names (sd-scripts' schemes, never overwriting) and writes the PNGs with their metadata."""
 
     def __init__(self, args: argparse.Namespace, described: list[dict[str, Any]], default_muls: Sequence[float],
-                 vae):
-        self.args, self.described, self.default_muls, self.vae = args, described, default_muls, vae
+                 vae, sdxl: bool = False):
+        self.args, self.described, self.default_muls, self.vae, self.sdxl = args, described, default_muls, vae, sdxl
         self.written: list[str] = []
 
     def save(self, job: S.ImageJob, image: Any, stamp: str, prefix: str = "", k: int = 0) -> None:
@@ -467,7 +472,7 @@ class ImageWriter:
         else:
             name = f"im_{stamp}_{prefix}{k % self.args.batch_size:03d}_{job.seed}.png"
         nets = network_info(self.described, job.network_muls or self.default_muls)
-        self.written.append(save_png(image, Path(self.args.outdir) / name, png_metadata(job, nets)))
+        self.written.append(save_png(image, Path(self.args.outdir) / name, png_metadata(job, nets, self.sdxl)))
         logger.info("saved %s", self.written[-1])
 
 

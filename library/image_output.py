@@ -15,8 +15,9 @@ from typing import Any, Sequence
 from library.file_io import atomic_path
 
 
-def png_metadata(job: Any, networks: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
-    """Text chunks for one image from an `ImageJob`; `networks` lists {"file", "multiplier", "merged"}."""
+def png_metadata(job: Any, networks: Sequence[dict[str, Any]] = (), sdxl: bool = False) -> dict[str, str]:
+    """Text chunks for one image from an `ImageJob`; `networks` lists {"file", "multiplier", "merged"}; the size
+    conditioning keys (original size, crop) only for SDXL, the one model that uses them."""
     meta = {
         "prompt": job.prompt,
         "negative-prompt": job.negative_prompt,
@@ -31,7 +32,7 @@ def png_metadata(job: Any, networks: Sequence[dict[str, Any]] = ()) -> dict[str,
         meta["negative-scale"] = str(job.negative_scale)
     if getattr(job, "init_image", None) is not None:
         meta["strength"] = str(job.strength)
-    if job.original_size is not None:
+    if sdxl and job.original_size is not None:
         meta["original-height"], meta["original-width"] = map(str, job.original_size)
         meta["original-height-negative"], meta["original-width-negative"] = map(str, job.original_size_negative)
         meta["crop-top"], meta["crop-left"] = map(str, job.crop_top_left)

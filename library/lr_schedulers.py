@@ -20,7 +20,7 @@ from library.optimizers import parse_kwargs
 logger = logging.getLogger(__name__)
 
 SCHEDULER_NAMES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                   "piecewise_constant", "adafactor")
+                   "piecewise_constant", "adafactor", "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
 
 
 def int_or_float(text: str) -> int | float:
@@ -83,6 +83,32 @@ def _polynomial(step: int, warmup: int, total: int, lr_init: float = 1.0, power:
     return ((lr_init - lr_end) * remaining**power + lr_end) / lr_init
 
 
+def _cosine_min_lr(step: int, warmup: int, total: int, min_lr_ratio: float = 0.0) -> float:
+    """Cosine down to min_lr_ratio (transformers' cosine_with_min_lr)."""
+    w = _warmup(step, warmup)
+    return w if w is not None else min_lr_ratio + (1 - min_lr_ratio) * _cosine(step, warmup, total)
+
+
+def _warmup_stable_decay(step: int, warmup: int, total: int, decay: int = 0, min_lr_ratio: float = 0.0) -> float:
+    """Warmup, constant, then a cosine decay over the last `decay` steps to min_lr_ratio (transformers' WSD)."""
+    w = _warmup(step, warmup)
+    if w is not None:
+        return w
+    decay_start = total - decay
+    if step < decay_start:
+        return 1.0
+    if step >= total:
+        return min_lr_ratio
+    progress = (step - decay_start) / max(1, decay)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _inverse_sqrt(step: int, warmup: int, total: int, timescale: int = 1) -> float:
+    """1 / sqrt((step + timescale - warmup) / timescale) after warmup (transformers' inverse_sqrt)."""
+    w = _warmup(step, warmup)
+    return w if w is not None else 1.0 / math.sqrt((step + timescale - warmup) / timescale)
+
+
 def _piecewise(step: int, warmup: int, total: int, rules: tuple[tuple[int, float], ...] = (), last: float = 1.0) -> float:
     for until, mult in rules:
         if step < until:
@@ -99,8 +125,12 @@ def _parse_piecewise(text: str) -> tuple[tuple[tuple[int, float], ...], float]:
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, num_training_steps: int,
                     num_warmup_steps: int | float = 0, num_cycles: int = 1, power: float = 1.0,
-                    scheduler_args: list[str] | None = None, initial_lr: float | None = None) -> Any:
-    """The scheduler `name` for `optimizer` over `num_training_steps` optimizer steps."""
+                    scheduler_args: list[str] | None = None, initial_lr: float | None = None,
+                    min_lr_ratio: float | None = None, decay_steps: int | float = 0,
+                    timescale: int | None = None) -> Any:
+    """The scheduler `name` for `optimizer` over `num_training_steps` optimizer steps. `min_lr_ratio`:
+    cosine_with_min_lr / warmup_stable_decay; `decay_steps` (a float < 1: a ratio of all steps):
+    warmup_stable_decay; `timescale` (default: the warmup steps): inverse_sqrt."""
     check_scheduler_name(name)
     kwargs = parse_kwargs(scheduler_args, "--lr_scheduler_args")
     warmup = warmup_steps(num_warmup_steps, num_training_steps)
@@ -122,6 +152,16 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, num_training_st
         fn = functools.partial(_cosine, **common)
     elif name == "cosine_with_restarts":
         fn = functools.partial(_cosine_restarts, cycles=num_cycles, **common)
+    elif name == "cosine_with_min_lr":
+        fn = functools.partial(_cosine_min_lr, min_lr_ratio=min_lr_ratio or 0.0, **common)
+    elif name == "warmup_stable_decay":
+        decay = warmup_steps(decay_steps, num_training_steps)
+        if not 0 <= decay <= num_training_steps - warmup:
+            raise ValueError(f"--lr_decay_steps {decay_steps}: {decay} decay steps do not fit after {warmup} warmup "
+                             f"steps in {num_training_steps}")
+        fn = functools.partial(_warmup_stable_decay, decay=decay, min_lr_ratio=min_lr_ratio or 0.0, **common)
+    elif name == "inverse_sqrt":
+        fn = functools.partial(_inverse_sqrt, timescale=timescale or max(1, warmup), **common)
     elif name == "polynomial":
         lr_init = optimizer.defaults.get("lr") or 1.0
         fn = functools.partial(_polynomial, lr_init=lr_init, power=power, lr_end=kwargs.get("lr_end", 1e-7), **common)

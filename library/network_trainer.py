@@ -24,6 +24,7 @@ import torch
 
 from library import (distributed, loss_functions, lr_schedulers, noise, optimizers, preflight, train_args,
                      train_metadata, train_state)
+from library.cpu_threads import apply_default_cpu_threads
 from library.malloc_tuning import keep_freed_memory_for_reuse
 from library.precision import Precision
 from library.run_plan import RunPlan
@@ -116,6 +117,7 @@ class NetworkTrainer:
         check_device_options(args, self.device)  # fp8, compile backend: before any model loads
         if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
             keep_freed_memory_for_reuse()
+        apply_default_cpu_threads(self.device)  # one thread unless OMP_NUM_THREADS says otherwise
         if not self.accelerator.is_main_process:
             logging.getLogger("library").setLevel(logging.WARNING)  # one copy of the run's log
         from accelerate.utils import set_seed
@@ -135,8 +137,6 @@ class NetworkTrainer:
                                            seed=self.seed)
         self.dataset.shard(self.accelerator.process_index, self.accelerator.num_processes)
         self.dataset.describe()
-        if getattr(args, "debug_dataset", False):
-            return
         self.noise_scheduler = noise.make_noise_scheduler(self.components.scheduler_config, self.v_param,
                                                           args.zero_terminal_snr)
         if args.base_weights:
@@ -245,7 +245,8 @@ class NetworkTrainer:
         scheduler = lr_schedulers.build_scheduler(  # in optimizer steps, the same for any number of processes
             name, result.optimizer, self.plan.lr_scheduler_steps,
             self.plan.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power, args.lr_scheduler_args,
-            initial_lr=result.initial_lr)
+            initial_lr=result.initial_lr, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
+            decay_steps=args.lr_decay_steps, timescale=args.lr_scheduler_timescale)
         # The module that runs (and that DDP wraps with several processes): see library.distributed.NetworkForward.
         self.forward = distributed.NetworkForward(self.network, self.loss)
         self.forward, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.forward, result.optimizer,
@@ -379,8 +380,8 @@ class NetworkTrainer:
                 init_kwargs = toml.load(args.log_tracker_config)
             if args.wandb_run_name:
                 init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
-            self.accelerator.init_trackers(args.log_tracker_name or "network_train", config=None,
-                                           init_kwargs=init_kwargs)
+            self.accelerator.init_trackers(args.log_tracker_name or "network_train", init_kwargs=init_kwargs,
+                                           config=train_args.tracker_config(args) if args.log_config else None)
         logger.info("training: %s, %d trainable tensors", self.plan.describe(), len(self.trainable))
         from tqdm import tqdm
 
@@ -642,6 +643,11 @@ def _save_dtype(name: str | None) -> torch.dtype | None:
 
 def train(args: argparse.Namespace, sdxl: bool = False) -> NetworkTrainer:
     """Validate, set up and run a training; returns the trainer (its `final_path`, `samples`, ...)."""
+    if getattr(args, "debug_dataset", False):  # the dataset options and a tokenizer only (library.dataset_debug)
+        from library.dataset_debug import run_debug_dataset
+
+        run_debug_dataset(args, sdxl)
+        return NetworkTrainer(args, sdxl)
     train_args.validate_args(args, sdxl=sdxl)
     if args.output_name is None:
         args.output_name = "last"
@@ -655,11 +661,6 @@ def train(args: argparse.Namespace, sdxl: bool = False) -> NetworkTrainer:
                        "--network_train_unet_only is recommended")
     trainer = NetworkTrainer(args, sdxl)
     trainer.setup()
-    if getattr(args, "debug_dataset", False):
-        from library.dataset_debug import debug_dataset
-
-        debug_dataset(trainer.dataset, args)
-        return trainer
     trainer.final_path = trainer.run()
     return trainer
 

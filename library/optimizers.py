@@ -140,6 +140,7 @@ def build_optimizer(name: str, params: list[Any], lr: float, optimizer_args: lis
                 logger.warning("AdaFactor with a fixed lr: --max_grad_norm 0 is recommended")
             if lr_scheduler != "constant_with_warmup":
                 logger.warning("AdaFactor with a fixed lr: --lr_scheduler constant_with_warmup is recommended")
+    check_single_lr(name, {f"group {i} lr": g.get("lr", lr) for i, g in enumerate(params) if isinstance(g, dict)})
     cls = _load_class(path, name)
     with _quiet_bitsandbytes(path):
         try:
@@ -149,6 +150,18 @@ def build_optimizer(name: str, params: list[Any], lr: float, optimizer_args: lis
     text = ",".join(f"{k}={v}" for k, v in kwargs.items())
     logger.info("optimizer %s (%s)", path, text or "defaults")
     return OptimizerResult(optimizer, f"{cls.__module__}.{cls.__name__}", text, override, initial_lr, kwargs)
+
+
+def check_single_lr(name: str, lrs: dict[str, float | None]) -> None:
+    """D-Adaptation and Prodigy refuse parameter groups with different non-zero lrs (at their first step): say so
+    before any model loads. `lrs`: the flag (or group) naming each lr -> its value."""
+    if not is_adaptive(name):
+        return
+    used = {flag: lr for flag, lr in lrs.items() if lr}
+    if len(set(used.values())) > 1:
+        given = ", ".join(f"{flag} {lr:g}" for flag, lr in used.items())
+        raise ValueError(f"--optimizer_type {name}: {given} differ, but {name} takes one learning rate for every "
+                         "parameter group (0 is allowed): give them the same value")
 
 
 def _drop_group_lrs(params: list[Any]) -> bool:

@@ -503,7 +503,7 @@ def sample_images(components, prompts_file: str | os.PathLike | Sequence[PromptS
                                        networks=networks, network_muls=network_muls or saved_muls,
                                        autocast_dtype=autocast_dtype):
                 name = sample_image_name(output_name, step, epoch, job.index, job.seed)
-                paths.append(save_png(image, save_dir / name, png_metadata(job)))
+                paths.append(save_png(image, save_dir / name, png_metadata(job, sdxl=components.is_sdxl)))
     finally:
         for net, mul in zip(networks, saved_muls):
             if mul is not None:

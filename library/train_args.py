@@ -81,7 +81,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--max_grad_norm", type=float, default=1.0, help="gradient clipping norm, 0 for none (default 1)")
     _add(g, "--sdpa", action="store_true", help="PyTorch scaled dot product attention (the default)")
     _add(g, "--xformers", action="store_true", help="xformers attention (needs xformers with CUDA)")
-    _add(g, "--mem_eff_attn", action="store_true", help="memory-efficient attention (CUDA only)")
+    _add(g, "--mem_eff_attn", action="store_true",
+         help="memory-efficient attention in plain PyTorch, any device (query chunks; slower than SDPA)")
     _add(g, "--clip_skip", type=int, default=None, help="use the output of the n-th last text encoder layer")
     _add(g, "--max_token_length", type=int, default=None, choices=[None, 150, 225],
          help="extend captions to 150 or 225 tokens (default 75)")
@@ -128,7 +129,7 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--learning_rate", type=float, default=2.0e-6, help="learning rate")
     _add(g, "--lr_scheduler", type=str, default="constant",
          help="linear, cosine, cosine_with_restarts, polynomial, constant (default), constant_with_warmup, "
-              "adafactor, or module.Class")
+              "adafactor, cosine_with_min_lr, warmup_stable_decay, inverse_sqrt, or module.Class")
     _add(g, "--lr_scheduler_type", type=str, default="", help="module.Class of a custom scheduler")
     _add(g, "--lr_scheduler_args", type=str, default=None, nargs="*", help="scheduler arguments key=value")
     _add(g, "--lr_warmup_steps", type=_int_or_float, default=0, help="warmup steps (a float < 1 is a ratio of all steps)")
@@ -222,6 +223,77 @@ def add_all_training_arguments(parser: argparse.ArgumentParser) -> None:
     from library.performance_args import add_performance_arguments
 
     add_performance_arguments(parser)
+    add_release_compat_arguments(parser)
+
+
+# ---------------------------------------------------------------- issue 19: options of sd-scripts' releases
+# v0.7.1's modelspec metadata options and later releases' logging / scheduler options work as there; the options
+# this project does not implement are recognised and refused with the reason (never "unrecognized arguments").
+
+REFUSED_OPTIONS = {  # option: why it is refused (one line, with what to do instead)
+    **{name: "DeepSpeed is not supported; use accelerate's multi-GPU data parallel (run `accelerate config`)"
+       for name in ("deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
+                    "offload_param_device", "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
+                    "fp16_master_weights_and_gradients")},
+    "highvram": "not needed: models are loaded once onto the training device and caches are freed as used",
+    "dataset_class": "user dataset classes are not supported; describe the data with --dataset_config (a TOML of "
+                     "folders, captions and repeats) or --in_json metadata (docs/dataset_config.md)",
+    "initial_step": "not supported; --resume <state folder> continues at the saved step, epoch and lr",
+    "initial_epoch": "not supported; --resume <state folder> continues at the saved step, epoch and lr",
+    "skip_until_initial_step": "not supported; --resume <state folder> continues at the saved step and epoch",
+    "resize_interpolation": "not supported; images are resized with OpenCV's area filter when shrinking and "
+                            "Lanczos when enlarging (sd-scripts' default)",
+    "skip_cache_check": "not supported; the latent cache check reads only each .npz header, and a stale cache is "
+                        "recomputed rather than trusted",
+}
+
+
+def add_release_compat_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("metadata", "Stability AI model-spec keys written into the LoRA file")
+    _add(g, "--metadata_title", type=str, default=None, help="modelspec.title (default: --output_name)")
+    _add(g, "--metadata_author", type=str, default=None, help="modelspec.author")
+    _add(g, "--metadata_description", type=str, default=None, help="modelspec.description")
+    _add(g, "--metadata_license", type=str, default=None, help="modelspec.license")
+    _add(g, "--metadata_tags", type=str, default=None, help="modelspec.tags (comma separated)")
+    g = parser.add_argument_group("console", "what the console (and a log file) shows")
+    _add(g, "--console_log_level", type=str.upper, default=None,
+         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="console log level (default INFO)")
+    _add(g, "--console_log_file", type=str, default=None, help="also write the log to this file")
+    _add(g, "--console_log_simple", action="store_true", help="plain log lines: the message only")
+    _add(g, "--log_config", action="store_true", help="log the training arguments to the trackers (secrets masked)")
+    g = parser.add_argument_group("scheduler extras", "options of the cosine_with_min_lr, warmup_stable_decay and "
+                                  "inverse_sqrt schedulers")
+    _add(g, "--lr_scheduler_min_lr_ratio", type=float, default=None,
+         help="lowest lr as a ratio of --learning_rate (cosine_with_min_lr, warmup_stable_decay; default 0)")
+    _add(g, "--lr_decay_steps", type=_int_or_float, default=0,
+         help="decay steps of warmup_stable_decay (a float < 1 is a ratio of all steps)")
+    _add(g, "--lr_scheduler_timescale", type=int, default=None,
+         help="timescale of inverse_sqrt (default: the warmup steps)")
+    g = parser.add_argument_group("not supported", "recognised for command-line compatibility; each stops with "
+                                  "the reason")
+    for name, why in REFUSED_OPTIONS.items():
+        _add(g, f"--{name}", nargs="?", const=True, default=None, help=f"refused: {why}")
+
+
+SECRETS = ("wandb_api_key", "huggingface_token")
+
+
+def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
+    """--log_config: the arguments as tracker hyperparameters (lists as text, unset ones left out, secrets masked)."""
+    config = {}
+    for key, value in sorted(vars(args).items()):
+        if value is None or key in _NOT_SERIALIZED:
+            continue
+        config[key] = "***" if key in SECRETS else value if isinstance(value, (bool, int, float, str)) else str(value)
+    return config
+
+
+def refused_option(args: argparse.Namespace) -> str | None:
+    """The one-line refusal of the first refused option that is set (None when none is)."""
+    for name, why in REFUSED_OPTIONS.items():
+        if getattr(args, name, None) not in (None, False):
+            return f"--{name}: {why}"
+    return None
 
 
 # ---------------------------------------------------------------- config files
@@ -242,17 +314,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     With `--output_config` the arguments are written to the config file (the `.toml` suffix added if missing)
     and the program exits.
     """
-    args = parser.parse_args(argv)
+    from library.switch_flags import make_switchable  # `--save_state false` / `--no-save_state` (issue 19)
+
+    from library.console_log import configure_console_log  # --console_log_* (issue 19)
+
+    args = make_switchable(parser).parse_args(argv)
     if not args.config_file:
         if args.output_config:
             parser.error("--output_config needs --config_file (the file to write)")
-        return args
+        return configure_console_log(args)
     path = args.config_file if args.config_file.endswith(".toml") else args.config_file + ".toml"
     if args.output_config:
         write_config(args, path)
         raise SystemExit(0)
     config = read_config(path, parser)
-    return parser.parse_args(argv, namespace=argparse.Namespace(**config))
+    return configure_console_log(parser.parse_args(argv, namespace=argparse.Namespace(**config)))
 
 
 def read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -311,8 +387,6 @@ def attention_problem(args: argparse.Namespace) -> str | None:
             return "--xformers: xformers is not installed (pip install xformers); the default SDPA attention needs nothing"
         if not torch.cuda.is_available():
             return "--xformers: xformers attention needs a CUDA GPU; leave it out to use SDPA (the default)"
-    if args.mem_eff_attn and not torch.cuda.is_available():
-        return "--mem_eff_attn: needs a CUDA GPU; leave it out to use SDPA (the default, also memory-efficient)"
     return None
 
 
@@ -320,6 +394,9 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     """Check every flag combination and input path; raises ValueError / FileNotFoundError with one line."""
     from library import lr_schedulers, optimizers
 
+    refusal = refused_option(args)
+    if refusal:
+        raise ValueError(refusal)
     for name in _HUB_OPTIONS:
         _need(not getattr(args, name, None), f"--{name}: uploading to / resuming from the Hugging Face hub is not "
               "supported; train locally and upload the files yourself")
@@ -374,6 +451,10 @@ def validate_args(args: argparse.Namespace, sdxl: bool = False) -> None:
     if problem:
         raise ValueError(problem)
     optimizers.check_optimizer_available(optimizer_name(args))
+    te_lr, unet_lr = args.text_encoder_lr or args.learning_rate, args.unet_lr or args.learning_rate
+    part_lrs = {"--text_encoder_lr": None if args.network_train_unet_only else te_lr,
+                "--unet_lr": None if args.network_train_text_encoder_only else unet_lr}
+    optimizers.check_single_lr(optimizer_name(args), part_lrs)
     lr_schedulers.check_scheduler_name(args.lr_scheduler_type or args.lr_scheduler)
     if args.sample_prompts:
         _need(Path(args.sample_prompts).suffix.lower() in (".txt", ".toml", ".json"),

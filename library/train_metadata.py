@@ -151,7 +151,17 @@ def training_metadata(args: argparse.Namespace, *, arch: str, v_parameterization
     meta.update(feature_metadata(args, network_args))
     out = {k: str(v) for k, v in meta.items() if v is not None}
     out.update(model_spec(arch, v_parameterization, args.output_name or "", out.get("ss_resolution")))
+    out.update(user_model_spec(args))
     return out
+
+
+USER_SPEC_KEYS = ("title", "author", "description", "license", "tags")
+
+
+def user_model_spec(args: argparse.Namespace) -> dict[str, str]:
+    """`--metadata_title/author/description/license/tags` -> `modelspec.<key>` (as sd-scripts writes them)."""
+    return {f"modelspec.{key}": str(value) for key in USER_SPEC_KEYS
+            if (value := getattr(args, f"metadata_{key}", None)) not in (None, "")}
 
 
 def _resolution_text(resolution: Any) -> str | None:

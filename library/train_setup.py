@@ -34,7 +34,11 @@ def load_components(args: argparse.Namespace, sdxl: bool, dtype: torch.dtype) ->
 def set_attention(unet: torch.nn.Module, args: argparse.Namespace) -> None:
     if args.xformers:
         unet.enable_xformers_memory_efficient_attention()
-    else:  # SDPA: diffusers' default processor; --mem_eff_attn maps to it (already memory-efficient)
+    elif getattr(args, "mem_eff_attn", False):  # plain-PyTorch chunked attention (library.attention), any device
+        from library.attention import ChunkedAttnProcessor
+
+        unet.set_attn_processor(ChunkedAttnProcessor())
+    else:  # SDPA: diffusers' default processor
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as `python networks/check_lora_weights.py`
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks.lora_check import check_lora, format_table, reference_from_arch, reference_from_checkpoint
@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.sd_model:
         reference, ref_name = reference_from_checkpoint(args.sd_model), args.sd_model
     result = check_lora(args.file, reference, ref_name)
-    if args.problems_only:
-        result.rows = [r for r in result.rows if r.problems]
-    print(format_table(result))
+    print(format_table(result, args.problems_only))
     if not result.ok:
         for p in result.problems:
             logger.warning(p)

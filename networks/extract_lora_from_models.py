@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as `python networks/extract_lora_from_models.py`
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.file_io import precision_dtype

@@ -123,7 +123,13 @@ def _lr_weight_list(name: str, value: Any, count: int) -> list[float] | None:
         return None
     if isinstance(value, str) and value.strip() and (value.strip()[0].isalpha()):
         return preset_weights(name, value, count)
-    return to_float_list(name, value, count)
+    numbers = to_float_list(name, value)
+    if len(numbers) != count:  # as sd-scripts: pad with 1.0 / cut, with a warning
+        logger.warning("network_args %s: %d values for %d blocks; %s", name, len(numbers), count,
+                       f"the last {count - len(numbers)} are 1.0" if len(numbers) < count
+                       else f"values after the {count}th are ignored")
+        numbers = (numbers + [1.0] * count)[:count]
+    return numbers
 
 
 def block_lr_weights(kwargs: Mapping[str, Any], sdxl: bool) -> list[float] | None:

@@ -137,11 +137,11 @@ def reference_from_checkpoint(path: str | os.PathLike) -> dict[str, tuple[int, .
     return {name: p.weight_shape for name, p in placed_targets(layout, aliases=True).items()}
 
 
-def format_table(result: CheckResult) -> str:
-    """The per-module table (one line per module) and a summary."""
+def format_table(result: CheckResult, problems_only: bool = False) -> str:
+    """The per-module table (one line per module, or per module with a problem) and a summary of all modules."""
     lines = [f"{'module':<80} {'kind':<8} {'in':>6} {'out':>6} {'rank':>4} {'alpha':>7} {'|down|':>9} "
              f"{'|up|':>9} {'|delta|':>9}"]
-    for r in result.rows:
+    for r in (r for r in result.rows if r.problems or not problems_only):
         flag = "  <-- " + "; ".join(p.split(": ", 1)[1] for p in r.problems) if r.problems else ""
         lines.append(f"{r.name:<80} {r.kind:<8} {r.in_dim:>6} {r.out_dim:>6} {r.rank:>4} {r.alpha:>7.4g} "
                      f"{r.down_norm:>9.4g} {r.up_norm:>9.4g} {r.delta_norm:>9.4g}{flag}")

@@ -65,3 +65,17 @@ def add_precision_arguments(parser: argparse.ArgumentParser, with_compute: bool 
                         help="precision of the saved file" + (" (default: same as --precision)" if with_compute
                                                               else " (default float)"))
 
+
+
+LBWS_REFUSAL = ("--lbws: per-block weights of each merged LoRA (LoRA Block Weight) are not supported; weight "
+                "whole LoRAs with --ratios")
+
+
+def add_lbws_argument(parser: argparse._ActionsContainer) -> None:
+    """sd-scripts' --lbws, recognised so that a user's command stops with the reason, not 'unrecognized'."""
+    parser.add_argument("--lbws", nargs="*", default=None, help="refused: per-block merge weights are not supported")
+
+
+def refuse_lbws(args: argparse.Namespace) -> None:
+    if getattr(args, "lbws", None) is not None:
+        raise ValueError(LBWS_REFUSAL)

@@ -200,20 +200,23 @@ def svd_merge_loras(paths: Sequence[str | os.PathLike], ratios: Sequence[float],
 
 def resize_lora(path: str | os.PathLike, new_rank: int, *, dynamic_method: str | None = None,
                 dynamic_param: float | None = None, device: torch.device | str = "cpu",
+                new_conv_rank: int | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[ModuleReport]]:
-    """Re-factor every module of one LoRA to `new_rank` (or a per-module rank chosen by `dynamic_method`,
-    at most `new_rank`); the delta's scale alpha/rank is kept, so alpha becomes scale * new rank."""
+    """Re-factor every module of one LoRA to `new_rank` (3x3 convs: `new_conv_rank`, default `new_rank`; or a
+    per-module rank chosen by `dynamic_method`, at most that); the delta's scale alpha/rank is kept, so alpha
+    becomes scale * new rank."""
     with LoRAFile(path) as lora:
         out: dict[str, torch.Tensor] = {}
         reports: list[ModuleReport] = []
         for name, info in tqdm(lora.modules.items(), desc="resizing", unit="module"):
+            rank = (new_conv_rank or new_rank) if info.is_conv3x3 else new_rank
             if info.plain:
                 m = lora.load(name, torch.float32, device)
-                fact = factorize(info.weight_shape, new_rank, ups=[m.up], downs=[m.down],
+                fact = factorize(info.weight_shape, rank, ups=[m.up], downs=[m.down],
                                  dynamic_method=dynamic_method, dynamic_param=dynamic_param)
                 scale = m.scale
             else:  # LoHa / LoKr / CP: the SVD of its delta, written as a LoRA of scale 1
-                fact = factorize(info.weight_shape, new_rank, delta=lora.delta(name, torch.float32, device),
+                fact = factorize(info.weight_shape, rank, delta=lora.delta(name, torch.float32, device),
                                  dynamic_method=dynamic_method, dynamic_param=dynamic_param)
                 scale = 1.0
             _store(out, name, fact.up, fact.down, scale * fact.rank)

@@ -19,7 +19,11 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 

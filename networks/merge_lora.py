@@ -15,13 +15,13 @@ import os
 import sys
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as `python networks/merge_lora.py`
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 from library.file_io import precision_dtype
 from networks.lora_math import minimal_metadata
-from networks.lora_cli import add_precision_arguments, check_inputs, check_output, run_main, save_dtype
+from networks.lora_cli import (add_lbws_argument, add_precision_arguments, check_inputs, check_output, refuse_lbws,
+                                run_main, save_dtype)
 from networks.lora import save_lora_file
 from networks.lora_merge_ops import check_ratios, merge_loras
 
@@ -52,10 +52,13 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     add_precision_arguments(prec)
     prec.add_argument("--no_metadata", action="store_true",
                       help="write only the minimal ss_ metadata (no merged training metadata, no merge recipe)")
+    if sdxl:
+        add_lbws_argument(how)
     return parser
 
 
 def run(args: argparse.Namespace, sdxl: bool = False) -> None:
+    refuse_lbws(args)
     if args.models is None or not args.models:
         raise ValueError("--models: give at least one LoRA file")
     ratios = check_ratios(args.models, args.ratios)

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as `python networks/resize_lora.py`
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.file_io import precision_dtype
@@ -37,6 +37,8 @@ def setup_parser() -> argparse.ArgumentParser:
     rank = parser.add_argument_group("rank")
     rank.add_argument("--new_rank", type=int, default=4,
                       help="rank of the result; with --dynamic_method the largest rank allowed (default 4)")
+    rank.add_argument("--new_conv_rank", type=int, default=None,
+                      help="rank of the 3x3 conv modules (default: --new_rank)")
     rank.add_argument("--dynamic_method", default=None, choices=DYNAMIC_METHODS,
                       help="choose each module's rank: sv_ratio (keep singular values > largest / param), "
                            "sv_fro (keep a fraction param of the Frobenius norm), sv_cumulative (keep a fraction "
@@ -50,8 +52,9 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.new_rank < 1:
-        raise ValueError(f"--new_rank {args.new_rank}: must be a positive integer")
+    for flag, value in (("--new_rank", args.new_rank), ("--new_conv_rank", args.new_conv_rank)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
     validate_dynamic(args.dynamic_method, args.dynamic_param)
     check_inputs([args.model], "--model")
     if args.model is None:
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> None:
     check_output(args.save_to, [args.model])
     device = resolve_device(args.device)
     tensors, metadata, reports = resize_lora(args.model, args.new_rank, dynamic_method=args.dynamic_method,
-                                             dynamic_param=args.dynamic_param, device=device)
+                                             dynamic_param=args.dynamic_param, device=device,
+                                             new_conv_rank=args.new_conv_rank)
     if args.verbose:
         for r in reports:
             print(f"{r.name}: rank {r.old_rank} -> {r.new_rank}, retained Frobenius norm {r.fro_retained:.2%}")

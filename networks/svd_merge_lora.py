@@ -14,11 +14,12 @@ import os
 import sys
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as `python networks/svd_merge_lora.py`
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.file_io import precision_dtype
-from networks.lora_cli import add_precision_arguments, check_inputs, check_output, run_main, save_dtype
+from networks.lora_cli import (add_lbws_argument, add_precision_arguments, check_inputs, check_output, refuse_lbws,
+                                run_main, save_dtype)
 from networks.lora import save_lora_file
 from networks.lora_math import minimal_metadata, resolve_device
 from networks.lora_merge_ops import check_ratios, summarize, svd_merge_loras
@@ -44,10 +45,12 @@ def setup_parser() -> argparse.ArgumentParser:
     add_precision_arguments(prec)
     prec.add_argument("--no_metadata", action="store_true", help="write only the minimal ss_ metadata")
     prec.add_argument("--verbose", action="store_true", help="log every module's retained Frobenius norm")
+    add_lbws_argument(rank)
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
+    refuse_lbws(args)
     ratios = check_ratios(args.models or [], args.ratios)
     for flag, value in (("--new_rank", args.new_rank), ("--new_conv_rank", args.new_conv_rank)):
         if value is not None and value < 1:

@@ -112,8 +112,6 @@ def test_sdxl_uses_23_blocks_and_9_3_9_weights():
     assert lrs["unet block 5"] == pytest.approx(1.0) and lrs["unet block 8"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="block_dims: expected 23"):
         network("sdxl", block_dims=SD_DIMS)
-    with pytest.raises(ValueError, match="down_lr_weight: expected 9"):
-        network("sdxl", down_lr_weight="1,1,1,1,1,1,1,1,1,1,1,1")
     with pytest.raises(ValueError, match="mid_lr_weight"):
         network("sdxl", mid_lr_weight="1,1")
 
@@ -121,8 +119,6 @@ def test_sdxl_uses_23_blocks_and_9_3_9_weights():
 def test_wrong_counts_and_values_name_the_argument():
     with pytest.raises(ValueError, match="block_dims: expected 25"):
         network(block_dims="1,2,3")
-    with pytest.raises(ValueError, match="up_lr_weight: expected 12"):
-        network(up_lr_weight="1,1")
     with pytest.raises(ValueError, match="block_alphas.*needs block_dims"):
         network(block_alphas=",".join(["1"] * 25))
     with pytest.raises(ValueError, match="block_alphas=.*expected a number"):
@@ -135,3 +131,15 @@ def test_python_lists_accepted_like_strings():
     a = network(block_dims=[int(x) for x in SD_DIMS.split(",")], down_lr_weight=[1.0] * 12)
     b = network(block_dims=SD_DIMS, down_lr_weight=",".join(["1"] * 12))
     assert [(m.lora_name, m.lora_dim) for m in a.unet_loras] == [(m.lora_name, m.lora_dim) for m in b.unet_loras]
+
+
+def test_short_lr_weight_lists_are_padded_with_one_and_long_ones_cut(caplog):
+    """The English guide's own example, `"down_lr_weight=0.5,1.0" "mid_lr_weight=2.0" "up_lr_weight=1.5"`:
+    sd-scripts pads short lists with 1.0 and cuts long ones, with a warning."""
+    weights = block_lr_weights({"down_lr_weight": "0.5,1.0", "mid_lr_weight": "2.0", "up_lr_weight": "1.5"},
+                               sdxl=False)
+    assert weights == [0.5] + [1.0] * 11 + [2.0] + [1.5] + [1.0] * 11
+    assert "down_lr_weight: 2 values for 12 blocks; the last 10 are 1.0" in caplog.text
+    sdxl = block_lr_weights({"down_lr_weight": ",".join(["0.5"] * 12)}, sdxl=True)
+    assert sdxl[1:10] == [0.5] * 9 and sdxl[0] == 1.0 and sdxl[10:] == [1.0] * 13
+    assert "down_lr_weight: 12 values for 9 blocks; values after the 9th are ignored" in caplog.text

@@ -71,3 +71,17 @@ def test_sd1_text_encoder_outputs_from_the_tool_are_used_by_train_network(tmp_pa
                               "--cache_text_encoder_outputs_to_disk", "--clip_skip", "2"))
     assert trainer.te_cache.computed == 0 and trainer.te_cache.from_disk == 2
     assert trainer.components.text_encoders == [None]
+
+
+def test_help_shows_the_options_caching_uses_and_training_options_still_parse():
+    from library.cache_tools import build_parser
+
+    parser = build_parser("latents")
+    text = parser.format_help()
+    for used in ("--dataset_config", "--pretrained_model_name_or_path", "--mixed_precision", "--vae_batch_size"):
+        assert used in text
+    for unused in ("--learning_rate", "--sample_prompts", "--save_every_n_epochs", "--network_dim", "--logging_dir"):
+        assert unused not in text
+    args = parser.parse_args(["--learning_rate", "1e-4", "--network_dim", "8", "--sample_every_n_epochs", "1"])
+    assert args.learning_rate == 1e-4 and args.network_dim == 8
+    assert len(text.splitlines()) < 250

@@ -61,7 +61,11 @@ def test_against_a_model_file(tmp_path, capsys):
     net = random_network(tiny_models("sd1"), dim=2, conv_dim=2)
     path = write_network(net, tmp_path / "tiny.safetensors")
     check_lora_weights.main([path, "--sd_model", str(tiny_model_path("sd1"))])
-    assert capsys.readouterr().out.splitlines()[-1].endswith("0 problem(s)")
+    full = capsys.readouterr().out.splitlines()
+    assert full[-1].endswith("0 problem(s)") and full[-1].startswith(f"{len(full) - 2} modules")
+    check_lora_weights.main([path, "--sd_model", str(tiny_model_path("sd1")), "--problems_only"])
+    shown = capsys.readouterr().out.splitlines()
+    assert shown == [full[0], full[-1]]  # no module rows, but the summary counts every module
     with pytest.raises(SystemExit) as exc:  # a tiny SD1 LoRA does not fit the tiny SD2 model
         check_lora_weights.main([path, "--sd_model", str(tiny_model_path("sd2"))])
     assert exc.value.code == 1

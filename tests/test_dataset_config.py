@@ -227,3 +227,27 @@ def test_docs_worked_example(tmp_path, monkeypatch):
     assert len(list((tmp_path / "shown").glob("*.png"))) == 6
     captions = [line for line in lines if "caption: 'sls frog, " in line]
     assert all(line.split("'")[1].startswith("sls frog, ") for line in captions)
+
+
+def test_repeat_prefix_of_a_toml_image_dir_is_ignored_with_a_warning(tmp_path, caplog, monkeypatch):
+    caplog.set_level("INFO", logger="library.dataset_config")
+    make_images(tmp_path / "10_sks cat", 2)
+    cfg, _ = toml_config(tmp_path, """
+[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = '10_sks cat'
+""")
+    assert cfg.datasets[0].subsets[0].num_repeats == 1
+    assert "image_dir '10_sks cat': the '10_' prefix sets no repeats in a dataset config; num_repeats does " \
+           "(1 here)" in caplog.text
+    # found beside the TOML only: nothing to say about where; found in both places: the log says which
+    assert "working folder" not in caplog.text
+    caplog.clear()
+    toml_config(tmp_path, "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '10_sks cat'\n"
+                          "  num_repeats = 10\n")
+    assert "prefix" not in caplog.text  # prefix and num_repeats agree: nothing to say
+    monkeypatch.chdir(tmp_path.parent)
+    make_images(tmp_path.parent / "10_sks cat", 1)
+    load_dataset_config(parse("--dataset_config", str(tmp_path / "ds.toml")))
+    assert "10_sks cat: using" in caplog.text and "(the working folder), not" in caplog.text

@@ -95,3 +95,15 @@ def test_benchmark_script_runs_at_tiny_size(tmp_path):
     assert set(results) == {"merge_two_loras", "resize_rank2"}
     assert all(r["seconds"] > 0 and 0.05 < r["peak_rss_gib"] < 4 for r in results.values())
     assert (tmp_path / "ab.safetensors").exists() and (tmp_path / "resized.safetensors").exists()
+
+
+def test_new_conv_rank_sets_the_rank_of_3x3_convs_only(tmp_path, lora):
+    sd, path = lora
+    out = tmp_path / "c.safetensors"
+    resize_lora.main(["--model", path, "--save_to", str(out), "--new_rank", "3", "--new_conv_rank", "5"])
+    ranks = {name: t.shape[0] for name, t in load_state_dict(out).items() if name.endswith(DOWN)}
+    assert ranks == {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" + DOWN: 3,
+                     "lora_unet_down_blocks_0_attentions_0_proj_in" + DOWN: 3,
+                     "lora_unet_down_blocks_0_resnets_0_conv1" + DOWN: 5}
+    with pytest.raises(SystemExit, match="--new_conv_rank 0: must be a positive integer"):
+        resize_lora.main(["--model", path, "--save_to", str(tmp_path / "d.safetensors"), "--new_conv_rank", "0"])

@@ -184,6 +184,7 @@ def test_sample_images_names_files_and_leaves_rng_untouched(tmp_path):
     with Image.open(paths[0]) as im:
         assert im.size == (64, 64)
         assert im.text["prompt"] == "a cat" and im.text["seed"] == "42" and im.text["sampler"] == "euler_a"
+        assert not {k for k in im.text if k.startswith(("original-", "crop-"))}  # SDXL-only keys
         first = np.asarray(im)
     with Image.open(paths[1]) as im:
         assert im.size == (64, 72)

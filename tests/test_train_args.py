@@ -55,7 +55,6 @@ def test_config_sections_flattened_and_unknown_key(tmp_path):
     (["--optimizer_type", "Adamm"], "unknown optimizer"),
     (["--network_train_unet_only", "--network_train_text_encoder_only"], "exclude each other"),
     (["--xformers"], "--xformers"),
-    (["--mem_eff_attn"], "--mem_eff_attn"),
     (["--full_fp16"], "--full_fp16 needs --mixed_precision fp16"),
     (["--lr_scheduler", "cosinus"], "unknown scheduler"),
     (["--min_timestep", "500", "--max_timestep", "100"], "need 0 <= min < max"),
@@ -63,6 +62,10 @@ def test_config_sections_flattened_and_unknown_key(tmp_path):
     (["--resume", "/no/such/state"], "--resume"),
     (["--network_weights", "/no/such.safetensors"], "--network_weights /no/such.safetensors"),
     (["--huggingface_repo_id", "me/x"], "--huggingface_repo_id: uploading"),
+    (["--optimizer_type", "DAdaptation", "--learning_rate", "1", "--text_encoder_lr", "0.5", "--unet_lr", "1"],
+     "--optimizer_type DAdaptation: --text_encoder_lr 0.5, --unet_lr 1 differ, but DAdaptation takes one learning "
+     "rate for every parameter group"),
+    (["--optimizer_type", "Prodigy", "--learning_rate", "1", "--text_encoder_lr", "0.5"], "--unet_lr 1 differ"),
 ])
 def test_bad_arguments_fail_with_clear_message(tmp_path, extra, message):
     a = _parser().parse_args(_valid(tmp_path, *extra))
@@ -124,3 +127,40 @@ def test_cache_latents_to_disk_turns_on_latent_caching(tmp_path):
     assert not a.cache_latents
     train_args.validate_args(a)
     assert a.cache_latents and a.cache_latents_to_disk
+
+
+def test_adaptive_optimizers_accept_one_lr_or_a_frozen_part(tmp_path):
+    for extra in (["--text_encoder_lr", "0.5", "--network_train_unet_only"], ["--text_encoder_lr", "0"],
+                  ["--text_encoder_lr", "1", "--unet_lr", "1"]):
+        a = _parser().parse_args(_valid(tmp_path, "--optimizer_type", "DAdaptAdam", "--learning_rate", "1", *extra))
+        train_args.validate_args(a)  # no error
+
+
+def test_adaptive_optimizer_refuses_different_group_lrs_before_its_first_step():
+    """Block lr weights give groups of different lrs: one line at construction, not a RuntimeError at step 1."""
+    import torch
+
+    from library import optimizers
+
+    groups = [{"params": [torch.nn.Parameter(torch.ones(2))], "lr": 1.0},
+              {"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.5}]
+    with pytest.raises(ValueError, match="group 0 lr 1, group 1 lr 0.5 differ"):
+        optimizers.build_optimizer("DAdaptAdam", groups, 1.0)
+
+
+def test_a_flag_set_in_the_config_file_can_be_turned_off_on_the_command_line(tmp_path, capsys):
+    cfg = tmp_path / "args.toml"
+    cfg.write_text("[saving]\nsave_state = true\n[training]\ngradient_checkpointing = true\n")
+    p = _parser()
+    base = ["--config_file", str(cfg)]
+    assert train_args.parse_args(p, base).save_state is True
+    assert train_args.parse_args(p, base + ["--save_state", "false"]).save_state is False
+    assert train_args.parse_args(p, base + ["--no-save_state"]).save_state is False
+    off = train_args.parse_args(p, base + ["--save_state", "no", "--gradient_checkpointing", "off"])
+    assert (off.save_state, off.gradient_checkpointing) == (False, False)
+    assert train_args.parse_args(p, ["--save_state"]).save_state is True
+    assert train_args.parse_args(p, ["--gradient_checkpointing", "true"]).gradient_checkpointing is True
+    assert train_args.parse_args(p, []).save_state is False
+    with pytest.raises(SystemExit):
+        train_args.parse_args(p, ["--save_state", "maybe"])
+    assert "--save_state: expected true or false, got 'maybe'" in capsys.readouterr().err

@@ -32,7 +32,8 @@ def test_demo_config_trains_and_prints_where_outputs_are(tmp_path, capsys, monke
 
 def test_run_demo_script_uses_the_bundled_files():
     script = (ROOT / "run_demo.sh").read_text()
-    assert "accelerate\" launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no" in script
+    assert 'accelerate" launch -q --config_file examples/accelerate/single_process.yaml --cpu' in script
+    assert '--num_cpu_threads_per_process "${OMP_NUM_THREADS:-1}" train_network.py' in script
     for path in ("examples/tiny_lora/args.toml", "examples/tiny_lora/dataset.toml", "tools/make_tiny_model.py"):
         assert path in script and (ROOT / path).exists()
     images = list((ROOT / "examples/tiny_lora/images/4_sks shape").glob("*.png"))
@@ -40,13 +41,20 @@ def test_run_demo_script_uses_the_bundled_files():
 
 
 def test_debug_dataset_prints_batches_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    """Only the dataset options and a tokenizer: no --network_module / --output_dir, no model loaded, the bucket
+    table printed once."""
+    from library import model_loading
     from library.network_trainer import main
 
+    def no_model(*args, **kwargs):
+        raise AssertionError("--debug_dataset loaded the model")
+
+    monkeypatch.setattr(model_loading, "load_models", no_model)
     monkeypatch.chdir(ROOT)
     reset_accelerate()
-    out = tmp_path / "out"
     main(["--dataset_config", "examples/tiny_lora/dataset.toml", "--pretrained_model_name_or_path", tiny_model_dir(),
-          "--output_dir", str(out), "--network_module", "networks.lora", "--debug_dataset"])
+          "--debug_dataset"])
     printed = capsys.readouterr().out
     assert "step 16/16" in printed and printed.count("caption: 'sks, a red square'") == 4  # 4 repeats
-    assert "LoRA saved" not in printed and not out.exists()
+    assert printed.count("dataset: examples/tiny_lora/dataset.toml") == 1
+    assert "LoRA saved" not in printed

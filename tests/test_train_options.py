@@ -43,6 +43,7 @@ def test_epoch_saves_pruning_state_samples_and_logs(model, tmp_path):
 
     run_dirs = [d for d in (tmp_path / "logs").iterdir() if d.name.startswith("run_")]
     events = [str(p) for p in run_dirs[0].rglob("events.out.tfevents*")]
+    assert {os.path.dirname(e) for e in events} == {str(run_dirs[0] / "network_train")}  # as docs/train_network.md
     acc = EventAccumulator(os.path.dirname(events[0]))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])

@@ -13,9 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from library.sd_configs import ARCHS, SIZES, arch_config, build_models, write_clip_tokenizer_files  # noqa: E402
+from library.sd_configs import ARCHS, SIZES, arch_config, build_models, write_clip_tokenizer_files
 
 logger = logging.getLogger("make_tiny_model")
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+if __package__ in (None, ""):  # run as `python <folder>/<script>.py`: make library/ and networks/ importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.dataprep.resize_images import INTERPOLATIONS, parse_resolutions, resize_folder
 
