@@ -181,6 +181,17 @@ def weight_update(weight: torch.Tensor, parts: Mapping[str, torch.Tensor], multi
     return (dora_weight(base, delta, tensors["dora_scale"]) - base) * multiplier
 
 
+def merge_into_layer(layer: torch.nn.Module, parts: Mapping[str, torch.Tensor], multiplier: float, name: str = "",
+                     device: torch.device | str | None = None) -> None:
+    """Add `weight_update` of `parts` to `layer.weight` in place (computed in float32 on `device`)."""
+    weight = layer.weight
+    device = weight.device if device is None else device
+    with torch.no_grad():
+        w = weight.to(device=device, dtype=torch.float32)
+        parts = {k: v.to(device) for k, v in parts.items()}
+        weight.copy_(w + weight_update(w, parts, multiplier, name))
+
+
 def group_modules(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{module name: parts} of a state dict keyed `<name>.<part>`."""
     modules: dict[str, dict[str, torch.Tensor]] = {}

@@ -92,16 +92,8 @@ class AdapterModule(torch.nn.Module):
     def scale(self) -> float:
         return am.scale_of(self.parts())
 
-    def apply_to(self) -> None:
-        if self.org_forward is not None:
-            return
-        self.org_forward = self.org_module.forward
-        self.org_module.forward = self.forward
-
-    def restore(self) -> None:
-        if self.org_forward is not None:
-            self.org_module.forward = self.org_forward
-            self.org_forward = None
+    apply_to = LoRAModule.apply_to  # the same forward hook as LoRA's
+    restore = LoRAModule.restore
 
     def weight_update(self, multiplier: float | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
         """`multiplier * (W' - W)` in float32 (differentiable), with rank dropout on the delta's rows in training."""
@@ -173,13 +165,7 @@ class AdapterModule(torch.nn.Module):
     def merge_to(self, sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         """Add `multiplier * update` (from `sd`, default this module's own parts) to the layer weight in place."""
-        parts = dict(sd) if sd else self.parts()
-        weight = self.org_module.weight
-        device = weight.device if device is None else device
-        with torch.no_grad():
-            w = weight.to(device=device, dtype=torch.float32)
-            parts = {k: v.to(device) for k, v in parts.items()}
-            weight.copy_(w + am.weight_update(w, parts, self.multiplier, self.lora_name))
+        am.merge_into_layer(self.org_module, dict(sd) if sd else self.parts(), self.multiplier, self.lora_name, device)
 
 
 class AdapterNetwork(LoRANetwork):

@@ -71,13 +71,7 @@ class DoRAModule(LoRAModule):
 
     def merge_to(self, sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
-        parts = dict(sd) if sd else self.parts()
-        weight = self.org_module.weight
-        device = weight.device if device is None else device
-        with torch.no_grad():
-            w = weight.to(device=device, dtype=torch.float32)
-            parts = {k: v.to(device) for k, v in parts.items()}
-            weight.copy_(w + am.weight_update(w, parts, self.multiplier, self.lora_name))
+        am.merge_into_layer(self.org_module, dict(sd) if sd else self.parts(), self.multiplier, self.lora_name, device)
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,

@@ -39,10 +39,12 @@ def test_worked_example(tmp_path, monkeypatch, capsys):
     solid_dataset(tmp_path, colours=((200, 40, 40),), caption="sks")
     monkeypatch.chdir(tmp_path)
     commands = worked_example()
-    assert [c[:3] for c in commands][0] == ["accelerate", "launch", "train_network.py"]
+    launch = ["accelerate", "launch", "-q", "--config_file", "examples/accelerate/single_process.yaml",
+              "train_network.py"]
+    assert commands[0][:6] == launch
     for words in commands:
         if words[0] == "accelerate":
-            train(words[3:])
+            train(words[6:])
         else:
             assert words[0] == "python" and words[1].startswith("networks/")
             importlib.import_module(words[1][:-3].replace("/", ".")).main(words[2:])

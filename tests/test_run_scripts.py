@@ -76,5 +76,5 @@ def test_every_documented_launch_line_is_quiet():
     lines = [(page.name, line.strip()) for page in pages for line in page.read_text().splitlines()
              if re.match(r'\s*"?(\$venv/bin/)?accelerate"? launch ', line)]
     assert len(lines) >= 8
-    for name, line in lines:
-        assert " -q --config_file examples/accelerate/single_process.yaml" in line, (name, line)
+    for name, line in lines:  # a config file gives every value: no "values were not passed" warning
+        assert re.search(r"launch -q --config_file examples/accelerate/\S+\.yaml ", line), (name, line)
