@@ -36,3 +36,20 @@ def sd2_models():
 @pytest.fixture
 def sdxl_models():
     return tiny_models("sdxl")
+
+
+# The training tests' defaults (a module may define its own `model` / `dataset` to override them).
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random-weight SD 1.x model as a Diffusers folder."""
+    from tests.train_helpers import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """One solid-colour captioned image with 4 repeats."""
+    from tests.train_helpers import solid_dataset
+
+    return solid_dataset(tmp_path_factory.mktemp("data"), repeats=4)

@@ -6,12 +6,7 @@ import torch
 
 from library.ema import LoRAEMA
 from library.file_io import load_state_dict, read_metadata
-from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model_dir()
+from tests.train_helpers import base_args, solid_dataset, train
 
 
 @pytest.fixture(scope="module")

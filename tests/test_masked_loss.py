@@ -7,12 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.train_helpers import base_args, parse, tiny_model_dir, train
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model_dir()
+from tests.train_helpers import base_args, parse, train
 
 
 def _masked_dataset(root, mask_fn, size=(96, 64), extra=""):

@@ -22,12 +22,7 @@ from PIL import Image
 
 from library import file_io, network_trainer, preflight
 from library.file_io import TEMP_PREFIX, load_state_dict
-from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model_dir()
+from tests.train_helpers import base_args, solid_dataset, train
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,7 @@ import pytest
 import torch
 
 from library.file_io import load_state_dict, read_metadata
-from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model_dir()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return solid_dataset(tmp_path_factory.mktemp("data"), repeats=4)
+from tests.train_helpers import base_args, train
 
 
 def _fixed_loss(trainer, multiplier: float) -> float:

@@ -10,16 +10,6 @@ from library.file_io import load_state_dict, read_metadata
 from tests.train_helpers import base_args, solid_dataset, tiny_model_dir, train
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model_dir()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return solid_dataset(tmp_path_factory.mktemp("data"), repeats=4)
-
-
 def test_epoch_saves_pruning_state_samples_and_logs(model, tmp_path):
     data = solid_dataset(tmp_path / "d", colours=((200, 0, 0), (0, 0, 200)), caption="sks")
     prompts = tmp_path / "prompts.txt"

@@ -13,11 +13,6 @@ COLOURS = ((220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30))
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model_dir()
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return solid_dataset(tmp_path_factory.mktemp("data"), colours=COLOURS)
 
