@@ -253,24 +253,51 @@ def read_progress(stream, stamps: dict[int, float], log_file) -> None:
                 stamps.setdefault(int(m.group(1)), now)
 
 
-def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> dict:
-    """Run one program; wall seconds, peak RSS (GiB, its own), per-step seconds."""
+def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path,
+                 timeout: float | None = None) -> dict:
+    """Run one program; wall seconds, peak RSS (GiB, its own), per-step seconds. With `timeout`, a run still going
+    then is stopped and reported with `timed_out` (its wall time and peak RSS so far are lower bounds)."""
     stamps: dict[int, float] = {}
     start = time.perf_counter()
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.PIPE)
         reader = threading.Thread(target=read_progress, args=(proc.stderr, stamps, log_file))
         reader.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        timed_out, hwm_kib = False, 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if timeout else 0)
+            if pid:
+                break
+            hwm_kib = max(hwm_kib, _vm_hwm_kib(proc.pid))
+            if time.perf_counter() - start > timeout:
+                timed_out = True
+                proc.kill()
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.5)
         reader.join()
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if timed_out:
+        return {"wall_s": round(wall, 2), "peak_rss_gib": round(max(hwm_kib, usage.ru_maxrss) / 2**20, 3),
+                "step_times": step_times(stamps), "s_per_step": None, "timed_out": True}
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:2])} failed ({proc.returncode}); log {log_path}:\n{tail}")
     times = step_times(stamps)
     return {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3), "step_times": times,
             "s_per_step": round(statistics.median(times[1:]), 3) if len(times) > 1 else None}
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """The process's peak resident memory so far (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def program_env(extra: dict[str, str]) -> dict[str, str]:
@@ -328,8 +355,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 
 def compare_tools(size: str, work: Path, ours_python: str, reference: tuple[Path, Path, dict[str, str]] | None,
-                  only: list[str] | None = None) -> dict[str, dict]:
-    """bench_lora_tools' cases with both programs' scripts (SD1.5 layout), in the order theirs, ours."""
+                  only: list[str] | None = None, timeout: float | None = None) -> dict[str, dict]:
+    """bench_lora_tools' cases with both programs' scripts (SD1.5 layout), in the order theirs, ours. A run past
+    `timeout` seconds is stopped: its time and peak memory so far are lower bounds (`timed_out`)."""
     tools_dir = work / "tools"
     subprocess.run([ours_python, str(ROOT / "bench" / "bench_lora_tools.py"), "--prepare_only", "--size", size,
                     "--workdir", str(tools_dir)], check=True, env=program_env({"PYTHONPATH": str(ROOT)}))
@@ -350,12 +378,16 @@ def compare_tools(size: str, work: Path, ours_python: str, reference: tuple[Path
             cmd = [python, str(Path(cwd) / argv[0]), *argv[1:]]
             if name == "theirs" and case == "merge_into_model":  # their merge must not overwrite the extract input
                 cmd = [c.replace("merged.safetensors", "merged_ref.safetensors") for c in cmd]
-            r = run_measured(cmd, Path(cwd), program_env(extra), work / f"tool_{case}_{name}.log")
-            results[case][name] = {"wall_s": r["wall_s"], "peak_rss_gib": r["peak_rss_gib"]}
-            log(f"{case}: {name} {r['wall_s']} s, {r['peak_rss_gib']} GiB")
+            r = run_measured(cmd, Path(cwd), program_env(extra), work / f"tool_{case}_{name}.log", timeout)
+            results[case][name] = {"wall_s": r["wall_s"], "peak_rss_gib": r["peak_rss_gib"],
+                                   "timed_out": r.get("timed_out", False)}
+            log(f"{case}: {name} {'stopped after ' if r.get('timed_out') else ''}{r['wall_s']} s, "
+                f"{r['peak_rss_gib']} GiB")
         if "theirs" in results[case]:
             o, t = results[case]["ours"], results[case]["theirs"]
+            # against a stopped run the ratios are upper bounds, printed with "<"
             results[case]["ratio"] = {k: round(o[k] / t[k], 3) for k in ("wall_s", "peak_rss_gib")}
+            results[case]["ratio_is_bound"] = t["timed_out"]
     return results
 
 
@@ -380,8 +412,11 @@ def format_table(training: dict[str, dict], tools: dict[str, dict]) -> str:
                   "| --- " * 7 + "|"]
         for case, r in tools.items():
             o, t, q = r["ours"], r.get("theirs", {}), r.get("ratio", {})
-            lines.append(f"| {case} | {cell(o['wall_s'])} | {cell(t.get('wall_s'))} | {cell(q.get('wall_s'))} | "
-                         f"{cell(o['peak_rss_gib'])} | {cell(t.get('peak_rss_gib'))} | {cell(q.get('peak_rss_gib'))} |")
+            bound = ">" if t.get("timed_out") else ""
+            below = "<" if r.get("ratio_is_bound") else ""
+            lines.append(f"| {case} | {cell(o['wall_s'])} | {bound}{cell(t.get('wall_s'))} | "
+                         f"{below}{cell(q.get('wall_s'))} | {cell(o['peak_rss_gib'])} | "
+                         f"{bound}{cell(t.get('peak_rss_gib'))} | {below}{cell(q.get('peak_rss_gib'))} |")
     return "\n".join(lines)
 
 
@@ -409,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tool_cases", default=None,
                    help="comma list of bench_lora_tools cases for --tools (default all): merge_into_model, "
                         "merge_two_loras, svd_merge_rank4, extract_dim4, resize_rank2")
+    p.add_argument("--tool_timeout", type=float, default=None,
+                   help="stop a tool run after this many seconds and report lower bounds (default: no limit)")
     p.add_argument("--json", default=None, help="write the results here")
     return p
 
@@ -432,7 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
     training = {} if args.no_training else compare_training(settings, args.size, args.steps, work, sys.executable,
                                                             reference, args.resolution)
     tools = compare_tools(args.size, work, sys.executable, reference,
-                          args.tool_cases.split(",") if args.tool_cases else None) if args.tools else {}
+                          args.tool_cases.split(",") if args.tool_cases else None,
+                          args.tool_timeout) if args.tools else {}
     print(format_table(training, tools))
     report = {"reference_commit": args.reference_commit if reference else None, "size": args.size,
               "steps": args.steps, "resolution": args.resolution, "training": training, "tools": tools,

@@ -101,3 +101,17 @@ def test_reference_install_runs_its_trainer():
                               filter(None, [str(src), env.get("PYTHONPATH")]))}), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--network_module" in proc.stdout and "--cache_latents" in proc.stdout
+
+
+def test_a_run_past_the_timeout_is_stopped_with_lower_bounds(tmp_path):
+    # a program that takes ~64 MiB and then would sleep for a minute: stopped after 2 s, its memory so far reported
+    code = "import time; b = bytearray(64 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(60)"
+    r = cr.run_measured([sys.executable, "-c", code], tmp_path, dict(os.environ), tmp_path / "log.txt", timeout=2)
+    assert r["timed_out"] and 2 <= r["wall_s"] < 20
+    assert r["peak_rss_gib"] >= 64 / 1024
+    done = cr.run_measured([sys.executable, "-c", "pass"], tmp_path, dict(os.environ), tmp_path / "log2.txt", timeout=30)
+    assert "timed_out" not in done and done["wall_s"] < 30
+    table = cr.format_table({}, {"svd": {"ours": {"wall_s": 2.0, "peak_rss_gib": 0.3},
+                                         "theirs": {"wall_s": 600.0, "peak_rss_gib": 1.5, "timed_out": True},
+                                         "ratio": {"wall_s": 0.003, "peak_rss_gib": 0.2}, "ratio_is_bound": True}})
+    assert "| svd | 2.00 | >600.00 | <0.00 | 0.30 | >1.50 | <0.20 |" in table
