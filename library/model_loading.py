@@ -41,12 +41,16 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 def load_models(path: str | os.PathLike, *, v2: bool = False, sdxl: bool | None = None,
                 v_parameterization: bool = False, vae: str | os.PathLike | None = None,
                 tokenizer_cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-                device: str | torch.device = "cpu", with_tokenizers: bool = True) -> ModelComponents:
+                device: str | torch.device = "cpu", with_tokenizers: bool = True,
+                defer_unet: bool = False) -> ModelComponents:
     """Load UNet, VAE, text encoder(s) and tokenizer(s) from a single file, a Diffusers folder or a hub id.
 
     `sdxl=None` accepts SD 1.x / SD 2.x (as `v2` says) and SDXL; `sdxl=False` refuses SDXL files (the SD scripts),
     `sdxl=True` requires one. `v2` must match the file. `dtype` defaults to float32. `vae` replaces the VAE.
     `with_tokenizers=False` skips the tokenizers (`components.tokenizers` is then empty).
+    `defer_unet=True` (single files): the U-Net comes back empty (meta tensors) with `components.load_unet` set,
+    which reads its weights when called: a trainer caches with the VAE and text encoders and drops them first, so
+    the whole model is never in memory at once.
     """
     dtype = dtype or torch.float32
     path_str = os.path.expanduser(str(path))
@@ -57,7 +61,7 @@ def load_models(path: str | os.PathLike, *, v2: bool = False, sdxl: bool | None 
             raise FileNotFoundError(f"{vae}: no such VAE file or folder (--vae)")
     args = (v2, sdxl, v_parameterization, tokenizer_cache_dir if with_tokenizers else False, dtype, device, vae is None)
     if p.is_file():
-        comps = _load_single_file(p, *args)
+        comps = _load_single_file(p, *args, defer_unet=defer_unet)
     elif p.is_dir():
         comps = _load_diffusers(path_str, *args)
     elif _looks_like_path(path_str):
@@ -119,7 +123,7 @@ def _fill(model: torch.nn.Module, component: str, reader, layout: lc.LdmLayout, 
 
 
 def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, tokenizer_cache_dir, dtype, device,
-                      want_vae: bool) -> ModelComponents:
+                      want_vae: bool, defer_unet: bool = False) -> ModelComponents:
     from library.tensor_stream import TensorFile
 
     with TensorFile(path) as reader:
@@ -134,9 +138,10 @@ def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, to
         if ema:
             logger.info("%s: ignoring %d model_ema.* tensors (the EMA copy); the model weights are used", path, ema)
         models = empty_models_for_layout(layout, with_vae=want_vae)
-        with tqdm(total=sum(len(m.state_dict()) for m in models.values()), desc="loading", unit="tensor",
+        now = {name: m for name, m in models.items() if not (defer_unet and name == "unet")}
+        with tqdm(total=sum(len(m.state_dict()) for m in now.values()), desc="loading", unit="tensor",
                   disable=None) as bar:
-            for component, model in models.items():
+            for component, model in now.items():
                 _fill(model, component, reader, layout, dtype, device, str(path), bar)
         _log_unused_keys(path, shapes, models, layout)
         tes = [models[n] for n in lc.TE_COMPONENTS[: len(layout.text_encoder_configs)]]
@@ -144,9 +149,22 @@ def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, to
             extra = lc.extra_ldm_keys(layout, i, list(shapes))
             prefix = layout.te_prefixes[i]
             setattr(te, lc.EXTRA_ATTR, {k[len(prefix):]: reader.get(k) for k in extra})
-    logger.info("loaded %s model from %s", FAMILY_NAMES[family], path)
-    return ModelComponents(family, models["unet"], models.get("vae"), tes, tokenizers,
-                           v_parameterization=v_param, scheduler_config=_scheduler_config(v_param))
+    logger.info("loaded %s model from %s%s", FAMILY_NAMES[family], path, " (the U-Net later)" if defer_unet else "")
+    comps = ModelComponents(family, models["unet"], models.get("vae"), tes, tokenizers,
+                            v_parameterization=v_param, scheduler_config=_scheduler_config(v_param))
+    if defer_unet:
+        comps.load_unet = lambda: _fill_deferred_unet(path, models["unet"], layout, dtype, device)
+    return comps
+
+
+def _fill_deferred_unet(path: Path, unet: torch.nn.Module, layout: lc.LdmLayout, dtype, device) -> torch.nn.Module:
+    from library.tensor_stream import TensorFile
+
+    with TensorFile(path) as reader, tqdm(total=len(unet.state_dict()), desc="loading U-Net", unit="tensor",
+                                          disable=None) as bar:
+        _fill(unet, "unet", reader, layout, dtype, device, str(path), bar)
+    logger.info("loaded the U-Net from %s", path)
+    return unet
 
 
 def _tokenizers(family: str, folder, tokenizer_cache_dir, hub_model: str | None = None) -> list:

@@ -128,7 +128,10 @@ class NetworkTrainer:
         self.model_dtype, self.network_dtype = weight_dtypes(args, self.device)
         # Load straight into the frozen-model precision (no fp32 copy), unless the VAE must stay fp32.
         load_dtype = torch.float32 if args.no_half_vae else self.model_dtype
-        self.components = components if components is not None else load_components(args, self.sdxl, load_dtype)
+        # the U-Net is read after caching when nothing else needs the VAE and text encoders by then: the peak
+        # memory is then the larger of the two sets, not their sum (SDXL fp32: 14.7 -> ~11.7 GiB)
+        self.components = components if components is not None else load_components(
+            args, self.sdxl, load_dtype, defer_unet=self._unet_can_wait())
         self.arch = self.components.arch
         self.v_param = bool(args.v_parameterization or self.components.v_parameterization)
         from library.datasets import build_dataset_group
@@ -144,6 +147,9 @@ class NetworkTrainer:
         self._freeze_models()
         self.features = TrainingFeatures(self)  # EMA, validation loss, quality report (library.train_features)
         self._cache_inputs()
+        if self.components.load_unet is not None:
+            self.components.unet, self.components.load_unet = self.components.load_unet(), None
+            self._freeze_unet()
         set_seed(self.seed)  # the network's init must not depend on what was cached; the same in every process
         self.network, self.network_module, self.network_kwargs = create_network(args, self.components)
         if args.gradient_checkpointing:
@@ -162,19 +168,34 @@ class NetworkTrainer:
         torch.manual_seed(distributed.sample_seed(self.seed, distributed.STREAM_PROCESS,
                                                   self.accelerator.process_index))
 
+    def _unet_can_wait(self) -> bool:
+        """True when the text encoders and the VAE are done (outputs cached, not trained, no fp8 or base weights
+        to apply to all at once) before the U-Net is needed."""
+        args = self.args
+        te_cached = getattr(args, "cache_text_encoder_outputs", False) or self._te_outputs_fixed()
+        return bool(args.network_train_unet_only and getattr(args, "cache_latents", False) and te_cached
+                    and not args.base_weights and not getattr(args, "fp8_base", False)
+                    and not getattr(args, "fp8_base_unet", False))
+
     def _freeze_models(self) -> None:
         c = self.components
-        for model in (c.unet, c.vae, *c.text_encoders):
+        for model in (c.vae, *c.text_encoders):
             if model is not None:
                 model.requires_grad_(False).eval()
-        _place(c.unet, self.device, self.model_dtype)
+        if c.load_unet is None:
+            self._freeze_unet()
         for te in c.text_encoders:
             _place(te, self.device, self.model_dtype)
-        set_attention(c.unet, self.args)
         if getattr(self.args, "fp8_base", False) or getattr(self.args, "fp8_base_unet", False):
             from library.fp8 import apply_fp8_base
 
             apply_fp8_base(c, unet_only=not self.args.fp8_base)
+
+    def _freeze_unet(self) -> None:
+        unet = self.components.unet
+        unet.requires_grad_(False).eval()
+        _place(unet, self.device, self.model_dtype)
+        set_attention(unet, self.args)
 
     def _cache_inputs(self) -> None:
         """Cache latents (and SDXL text-encoder outputs) then drop the models nothing needs any more."""
@@ -210,12 +231,14 @@ class NetworkTrainer:
         args = self.args
         if not (args.network_train_unet_only and getattr(args, "cache_latents", False)) or args.weighted_captions:
             return False
-        try:
-            train_args.check_captions_fixed(self.data_config)
-        except ValueError:
-            return False
-        logger.info("U-Net-only training with fixed captions: caching the text encoder outputs")
-        return True
+        if not hasattr(self, "_fixed_te_outputs"):
+            try:
+                train_args.check_captions_fixed(self.data_config)
+                self._fixed_te_outputs = True
+                logger.info("U-Net-only training with fixed captions: caching the text encoder outputs")
+            except ValueError:
+                self._fixed_te_outputs = False
+        return self._fixed_te_outputs
 
     def _enable_gradient_checkpointing(self) -> None:
         c = self.components

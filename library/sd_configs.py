@@ -163,6 +163,7 @@ class ModelComponents:
     tokenizers: list[Any]
     v_parameterization: bool = False
     scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(_SCHEDULER))
+    load_unet: Any = None  # set while the U-Net's weights are still to be read (model_loading's defer_unet)
 
     @property
     def is_sdxl(self) -> bool:

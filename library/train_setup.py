@@ -23,12 +23,12 @@ def weight_dtypes(args: argparse.Namespace, device: torch.device) -> tuple[torch
     return mixed, network
 
 
-def load_components(args: argparse.Namespace, sdxl: bool, dtype: torch.dtype) -> Any:
+def load_components(args: argparse.Namespace, sdxl: bool, dtype: torch.dtype, defer_unet: bool = False) -> Any:
     from library.model_loading import load_models
 
     return load_models(args.pretrained_model_name_or_path, v2=args.v2, sdxl=sdxl,
                        v_parameterization=args.v_parameterization, vae=args.vae,
-                       tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=dtype)
+                       tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=dtype, defer_unet=defer_unet)
 
 
 def set_attention(unet: torch.nn.Module, args: argparse.Namespace) -> None:
