@@ -4,8 +4,8 @@
     ~/.cache/sd-lora-suite/reference-sd-scripts-<commit>/venv/bin/python bench/profile_unets.py --impl theirs \
         --reference_src ~/.cache/sd-lora-suite/reference-sd-scripts-<commit>/src --steps 3
 
-Same shapes on both sides: a random-weight full-size SD 1.5 U-Net (fp32, SDPA attention), a 4x64x64 latent
-(512 px), 77 context tokens, frozen weights; with `--lora` the program's own LoRA (dim 4) on the U-Net's
+Same shapes on both sides: a random-weight full-size SD 1.5 or SDXL U-Net (`--arch`; SDPA attention), a 4x64x64
+latent (512 px), 77 context tokens, frozen weights, optionally each side's gradient checkpointing; with `--lora` the program's own LoRA (dim 4) on the U-Net's
 Linear / 1x1 conv layers; per step the U-Net forward and the backward of the mean output (to the LoRA weights,
 or to the input without LoRA). Prints the median step time and the top operators by self CPU time
 (torch.profiler), so the two U-Nets can be compared op by op. `--json` writes both. See docs/benchmarks.md.
@@ -22,25 +22,55 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_ours(size: str = "full"):
+def build_ours(arch: str, size: str = "full"):
+    """diffusers' U-Net as our trainer builds it, its call (x, t, ctx, pooled) -> output, the context and pooled
+    widths."""
     sys.path.insert(0, str(ROOT))
+    import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from library.sd_configs import build_models
 
-    unet = build_models("sd1", size).unet
+    unet = build_models(arch, size).unet
     unet.set_attn_processor(AttnProcessor2_0())
-    return unet
+
+    def call(x, t, ctx, pooled):
+        extra = {}
+        if arch == "sdxl":  # pooled text embedding and the size conditioning (original / crop / target sizes)
+            side = x.shape[-1] * 8
+            time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=x.dtype)
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        return unet(x, t, ctx, **extra).sample
+
+    cfg = unet.config
+    pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim if arch == "sdxl" else 0
+    return unet, call, cfg.cross_attention_dim, pooled_dim
 
 
-def build_theirs(src: str):
+def build_theirs(arch: str, src: str):
+    """sd-scripts' own U-Net (original_unet / sdxl_original_unet) with SDPA, and its call."""
     sys.path.insert(0, src)
+    import torch
+
+    if arch == "sdxl":
+        from library.sdxl_original_unet import SdxlUNet2DConditionModel
+        from library.sdxl_train_util import get_size_embeddings
+
+        unet = SdxlUNet2DConditionModel()
+        unet.set_use_sdpa(True)
+
+        def call(x, t, ctx, pooled):
+            side = torch.tensor([[x.shape[-2] * 8, x.shape[-1] * 8]])
+            size_emb = get_size_embeddings(side, torch.zeros_like(side), side, x.device).to(x.dtype)
+            return unet(x, t, ctx, torch.cat([pooled, size_emb], dim=1))
+
+        return unet, call, 2048, 1280
     from library.original_unet import UNet2DConditionModel
 
     unet = UNet2DConditionModel(sample_size=64, attention_head_dim=8, cross_attention_dim=768,
                                 use_linear_projection=False, upcast_attention=False)
     unet.set_use_sdpa(True)
-    return unet
+    return unet, lambda x, t, ctx, pooled: unet(x, t, ctx).sample, 768, 0
 
 
 def apply_lora(unet, dim: int) -> list:
@@ -56,6 +86,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", required=True, choices=["ours", "theirs"])
     p.add_argument("--reference_src", default=None, help="sd-scripts source folder (for --impl theirs)")
+    p.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="SD 1.5 or SDXL U-Net")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="each side's gradient checkpointing (the original then also makes the input require grad, "
+                        "as its trainer does)")
     p.add_argument("--size", default="full", choices=["full", "tiny"],
                    help="ours only: tiny checks the plumbing (the original's U-Net is always full size)")
     p.add_argument("--lora", action="store_true", help="train a dim --dim LoRA on the U-Net")
@@ -75,11 +109,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     if args.impl == "ours":
-        unet = build_ours(args.size)
+        unet, call, ctx_dim, pooled_dim = build_ours(args.arch, args.size)
     else:
         if not args.reference_src:
             p.error("--impl theirs needs --reference_src (the sd-scripts source folder)")
-        unet = build_theirs(args.reference_src)
+        unet, call, ctx_dim, pooled_dim = build_theirs(args.arch, args.reference_src)
     params = apply_lora(unet, args.dim) if args.lora else []
     unet.requires_grad_(False)
     unet.train()
@@ -91,7 +125,12 @@ def main() -> None:
         q.requires_grad_(True)
     side = args.resolution // 8
     x = torch.randn(1, 4, side, side, dtype=dtype)
-    ctx = torch.randn(1, 77, unet.config.cross_attention_dim if args.impl == "ours" else 768, dtype=dtype)
+    ctx = torch.randn(1, 77, ctx_dim, dtype=dtype)
+    pooled = torch.randn(1, pooled_dim, dtype=dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.impl == "theirs":  # its trainer's workaround for reentrant checkpoints
+            x.requires_grad_(True)
     t = torch.tensor([500])
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
@@ -101,7 +140,7 @@ def main() -> None:
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            out = unet(x, t, ctx).sample
+            out = call(x, t, ctx, pooled)
         out.float().mean().backward()
 
     step()
@@ -110,10 +149,12 @@ def main() -> None:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    result = {"impl": args.impl, "lora": args.lora, "precision": args.precision, "lora_tensors": len(params),
+    result = {"impl": args.impl, "arch": args.arch, "gradient_checkpointing": args.gradient_checkpointing,
+              "lora": args.lora, "precision": args.precision, "lora_tensors": len(params),
               "lora_tensors_with_gradient": sum(int(q.grad is not None and bool(q.grad.abs().sum() > 0)) for q in params), "threads": torch.get_num_threads(), "step_times": times,
               "s_per_step": statistics.median(times)}
-    print(f"{args.impl} {args.precision}{' lora' if args.lora else ''}: {result['s_per_step']:.3f} s/step (threads {result['threads']}; {times})")
+    print(f"{args.impl} {args.arch} {args.precision}{' gc' if args.gradient_checkpointing else ''}"
+          f"{' lora' if args.lora else ''}: {result['s_per_step']:.3f} s/step (threads {result['threads']}; {times})")
     if not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -25,6 +25,18 @@ def test_profile_of_our_tiny_unet_with_lora(tmp_path):
     assert "Self CPU time total" in proc.stdout
 
 
+def test_sdxl_with_gradient_checkpointing_runs(tmp_path):
+    out = tmp_path / "p.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_unets.py"), "--impl", "ours", "--size", "tiny",
+                           "--arch", "sdxl", "--gradient_checkpointing", "--lora", "--resolution", "64", "--steps", "1",
+                           "--no_profile", "--json", str(out)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["arch"] == "sdxl" and report["gradient_checkpointing"]
+    assert report["lora_tensors_with_gradient"] > report["lora_tensors"] // 3
+
+
 def test_the_original_needs_its_source():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_unets.py"), "--impl", "theirs"],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
