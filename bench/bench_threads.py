@@ -31,7 +31,9 @@ def run_once(threads: int, policy: str, busy: bool, steps: int, out_dir: str, bu
     """Wall seconds of one run; `inf` when it ran past `timeout` (then it is stopped)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    if policy != "default":
+    if policy.startswith("spin"):  # libgomp spins GOMP_SPINCOUNT times (about 100,000 a millisecond) then sleeps
+        env["GOMP_SPINCOUNT"] = policy[len("spin"):]
+    elif policy != "default":
         env["OMP_WAIT_POLICY"] = policy
     cmd = [sys.executable, "train_network.py", "--config_file", "examples/tiny_lora/args.toml",
            "--dataset_config", "examples/tiny_lora/dataset.toml", "--pretrained_model_name_or_path", str(MODEL),
@@ -56,7 +58,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="training steps per run")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all variants")
     p.add_argument("--threads", default="1,2", help="OMP_NUM_THREADS values")
-    p.add_argument("--policies", default="default,PASSIVE,ACTIVE", help="OMP_WAIT_POLICY values (default: unset)")
+    p.add_argument("--policies", default="default,PASSIVE,ACTIVE",
+                   help="OMP_WAIT_POLICY values (default: unset), or spin<N> for GOMP_SPINCOUNT=N")
     p.add_argument("--load", default="idle,busy", help="idle and/or busy (one core running a busy loop)")
     p.add_argument("--busy_nice", type=int, default=0, help="nice increment of the busy loop (default 0: as the run)")
     p.add_argument("--timeout", type=float, default=None, help="stop a run after this many seconds (shown as inf)")

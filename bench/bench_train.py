@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", action="store_true",
                    help="then, in the lora process, --steps pairs of a LoRA step and a floor step on the same models "
                         "(the ratio without the machine's drift between processes)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="lora mode: profile one more trainer step and list its N slowest operators (torch.profiler)")
     p.add_argument("--trainer_args", default="",
                    help="more trainer flags, one string: --trainer_args='--torch_compile --fused_backward_pass "
                         "--max_grad_norm 0' (the compile happens in the --warmup steps); a feature's cost is the "
@@ -203,12 +205,25 @@ def run_lora(opts: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
 
     times = {"lora": _timed(step, opts.warmup, opts.steps), "peaks": [process_peak_rss_gib(), _read_status("VmHWM")],
              "network_params": sum(p.numel() for p in trainer.accelerator.unwrap_model(trainer.network).parameters())}
+    if opts.profile:
+        times["profile"] = _profile(step, opts.profile)
     if floor is not None:  # after the lora-only steps, so the floor steps cannot raise the peak read above
         times["interleaved_lora"], times["interleaved_floor"] = [], []
         for _ in range(opts.steps):
             times["interleaved_lora"] += _timed(step, 0, 1)
             times["interleaved_floor"] += _timed(floor, 0, 1)
     return times
+
+
+def _profile(step, top: int) -> list[dict]:
+    """One more trainer step under torch.profiler: the `top` operators by self CPU time, printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    return [{"name": e.key, "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3)}
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]
 
 
 def _trainer_floor_step(trainer, opts: argparse.Namespace):
@@ -324,6 +339,8 @@ def worker(opts: argparse.Namespace) -> dict:
               "device": str(_device()), "threads": torch.get_num_threads()}
     if "network_params" in times:
         result["network_params"] = times["network_params"]
+    if "profile" in times:
+        result["profile"] = times["profile"]
     if "interleaved_floor" in times:
         result["interleaved_step_times"] = {"lora": times["interleaved_lora"], "floor": times["interleaved_floor"]}
         result["interleaved_lora_over_floor"] = (statistics.median(times["interleaved_lora"])
@@ -393,6 +410,11 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"{config_name(opts)}\n{format_table(results, ratio, interleaved)}\nresults: {out}")
+    for r in results:
+        if r.get("profile"):
+            print(f"\n{r['mode']} step, slowest operators (self CPU ms, calls):")
+            for op in r["profile"]:
+                print(f"  {op['self_cpu_ms']:10.1f} {op['count']:7d}  {op['name']}")
 
 
 if __name__ == "__main__":

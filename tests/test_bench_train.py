@@ -15,7 +15,8 @@ def test_bench_tiny_writes_table_and_json(tmp_path):
     out = tmp_path / "r.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--size", "tiny", "--threads", "1",
-                           "--steps", "2", "--interleave", "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+                           "--steps", "2", "--interleave", "--profile", "5", "--json", str(out)], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LoRA step / floor:" in proc.stdout and "sd1_tiny_64px_b1_dim4_fp32" in proc.stdout
     report = json.loads(out.read_text())
@@ -28,6 +29,9 @@ def test_bench_tiny_writes_table_and_json(tmp_path):
     assert len(pairs["lora"]) == len(pairs["floor"]) == 2 and min(pairs["floor"]) > 0
     assert report["interleaved_lora_over_floor"] == statistics.median(pairs["lora"]) / statistics.median(pairs["floor"])
     assert "interleaved in one process:" in proc.stdout
+    profile = modes["lora"]["profile"]  # --profile 5: one more trainer step's five slowest operators
+    assert len(profile) == 5 and profile[0]["self_cpu_ms"] >= profile[-1]["self_cpu_ms"] > 0
+    assert "lora step, slowest operators" in proc.stdout and profile[0]["name"] in proc.stdout
 
 
 def test_bench_rejects_bad_options():
