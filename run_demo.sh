@@ -12,7 +12,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 venv="$(bash tools/setup_env.sh)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # threads sleep instead of spinning while they wait
 model="output/tiny_sd1"
 if [ ! -f "$model/model_index.json" ]; then
   echo "building the tiny demo model in $model" >&2

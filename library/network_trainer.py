@@ -117,7 +117,7 @@ class NetworkTrainer:
         check_device_options(args, self.device)  # fp8, compile backend: before any model loads
         if self.device.type == "cpu":  # page faults on every step otherwise (library.malloc_tuning)
             keep_freed_memory_for_reuse()
-        apply_default_cpu_threads(self.device)  # logs the count; OMP_WAIT_POLICY=PASSIVE is set by library/__init__
+        apply_default_cpu_threads(self.device)  # logs the count; the short OpenMP spin is set by library/__init__
         if not self.accelerator.is_main_process:
             logging.getLogger("library").setLevel(logging.WARNING)  # one copy of the run's log
         from accelerate.utils import set_seed
