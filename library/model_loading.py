@@ -152,8 +152,9 @@ def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, to
     logger.info("loaded %s model from %s%s", FAMILY_NAMES[family], path, " (the U-Net later)" if defer_unet else "")
     comps = ModelComponents(family, models["unet"], models.get("vae"), tes, tokenizers,
                             v_parameterization=v_param, scheduler_config=_scheduler_config(v_param))
-    if defer_unet:
-        comps.load_unet = lambda: _fill_deferred_unet(path, models["unet"], layout, dtype, device)
+    if defer_unet:  # the closure holds the empty U-Net only: the VAE and text encoders must be free to go
+        unet = models.pop("unet")
+        comps.load_unet = lambda: _fill_deferred_unet(path, unet, layout, dtype, device)
     return comps
 
 
