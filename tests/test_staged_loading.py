@@ -30,7 +30,7 @@ def _run(sdxl_file, tmp_path: Path, name: str, *extra: str) -> dict:
     return load_file(str(out / "lora.safetensors"))
 
 
-def _spy_on_unet_freeze(monkeypatch) -> list[dict]:
+def _spy_on_unet_load(monkeypatch) -> tuple[list[dict], list]:
     """What is alive while the U-Net's weights are read: weak references to the VAE and text encoders, taken as
     they load, must be dead by then (nothing may keep them, or the peak is the sum again)."""
     from library import model_loading
@@ -48,11 +48,11 @@ def _spy_on_unet_freeze(monkeypatch) -> list[dict]:
         return original_fill(model, component, *args)
 
     monkeypatch.setattr(model_loading, "_fill", fill)
-    return seen
+    return seen, loaded
 
 
 def test_unet_is_read_after_the_caches_with_the_same_result(sdxl_file, tmp_path, monkeypatch):
-    seen = _spy_on_unet_freeze(monkeypatch)
+    seen, loaded = _spy_on_unet_load(monkeypatch)
     staged = _run(sdxl_file, tmp_path, "staged", "--cache_text_encoder_outputs")
     assert seen == [{"vae_and_text_encoders_freed": True}]
 
@@ -60,6 +60,7 @@ def test_unet_is_read_after_the_caches_with_the_same_result(sdxl_file, tmp_path,
 
     monkeypatch.setattr(NetworkTrainer, "_unet_can_wait", lambda self: False)
     seen.clear()
+    loaded.clear()
     together = _run(sdxl_file, tmp_path, "together", "--cache_text_encoder_outputs")
     assert seen == [{"vae_and_text_encoders_freed": False}]
     assert staged.keys() == together.keys() and any(v.abs().sum() > 0 for k, v in staged.items() if "up" in k)
@@ -68,7 +69,7 @@ def test_unet_is_read_after_the_caches_with_the_same_result(sdxl_file, tmp_path,
 
 
 def test_unet_is_read_first_when_the_text_encoders_still_work(sdxl_file, tmp_path, monkeypatch):
-    seen = _spy_on_unet_freeze(monkeypatch)
+    seen, loaded = _spy_on_unet_load(monkeypatch)
     # captions change every step (shuffled tags), so the text encoders' outputs cannot be cached: all load at once
     _run(sdxl_file, tmp_path, "te", "--shuffle_caption", "--caption_tag_dropout_rate", "0.5")
     assert seen == [{"vae_and_text_encoders_freed": False}]
