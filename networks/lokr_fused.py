@@ -63,7 +63,7 @@ class FusedLoKrLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1: torch.Tensor,
                 w2_a: torch.Tensor, w2_b: torch.Tensor, scale: float) -> torch.Tensor:
         (a, c), (b, rank) = w1.shape, w2_a.shape
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # viewed as (T*c, d) below
         tokens = x2.shape[0]
         w1_s, w2_a_c, w2_b_c = (w1 * scale).to(x.dtype), w2_a.to(x.dtype), w2_b.to(x.dtype)
         out = x.new_empty(*x.shape[:-1], weight.shape[0])
@@ -86,7 +86,7 @@ class FusedLoKrLinear(torch.autograd.Function):
         x2, weight, w1_s, w2_a, w2_b, down_t, mixed = ctx.saved_tensors
         (a, c), (b, rank) = w1_s.shape, w2_a.shape
         tokens = x2.shape[0]
-        g = grad.reshape(tokens, -1).to(x2.dtype)
+        g = grad.reshape(tokens, -1).to(x2.dtype).contiguous()  # viewed as (T*a, b) below
         g_up = g.view(tokens * a, b)
         grad_mixed = g_up @ w2_a  # (T*a, r)
         grad_mixed_t = grad_mixed.view(tokens, a, rank).transpose(1, 2).reshape(tokens * rank, a)  # (T*r, a)
