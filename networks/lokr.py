@@ -19,7 +19,9 @@ import torch
 from networks.adapter_math import factorization
 from networks.adapters import (AdapterModule, AdapterNetwork, create_adapter_network,  # noqa: F401
                                create_network_from_weights, to_bool)
+from networks.lokr_fused import fused_lokr_linear, lokr_delta
 from networks.lora_blocks import to_float
+from networks.lora_fused import can_fuse
 
 
 def lokr_shapes(weight_shape: tuple[int, ...], rank: int, factor: int = -1, decompose_both: bool = False,
@@ -49,19 +51,36 @@ class LoKrModule(AdapterModule):
                       full_matrix: bool = False, **algo_args) -> dict[str, tuple[int, ...]]:
         return lokr_shapes(weight_shape, rank, factor, decompose_both, full_matrix)
 
-    def bypass(self, x: torch.Tensor) -> torch.Tensor | None:
-        """For a Linear, `kron(w1, w2) x = vec(w1 X w2^T)` with X = x as (c, d): two small matmuls per token instead
-        of the (a*b) x (c*d) delta (convs use the updated weight)."""
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """A frozen Linear with a decomposed w2 runs as one node with its LoKr (`networks.lokr_fused`)."""
         params = dict(self.named_parameters())
-        if self.is_conv or "lokr_t2" in params:
+        if self.multiplier != 0 and "lokr_w2_b" in params and "lokr_t2" not in params and not self.is_conv \
+                and "dora_scale" not in params and not (self.training and (self.rank_dropout or self.module_dropout)) \
+                and not args and not kwargs and can_fuse(self.org_module, self.org_forward, x):
+            return fused_lokr_linear(x, self.org_module, self._w1(params), params["lokr_w2_a"], params["lokr_w2_b"],
+                                     self.multiplier * self.scale)
+        return super().forward(x, *args, **kwargs)
+
+    @staticmethod
+    def _w1(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`scale * kron(w1, w2) x` from the factors (`networks.lokr_fused.lokr_delta`); Tucker modules and grouped
+        or padded-mode convs use the updated weight."""
+        params = dict(self.named_parameters())
+        org = self.org_module
+        if "lokr_t2" in params or (self.is_conv and (org.groups != 1 or org.padding_mode != "zeros")):
             return None
-        w1 = params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
-        w2 = params["lokr_w2"] if "lokr_w2" in params else params["lokr_w2_a"] @ params["lokr_w2_b"]
+        conv = None
+        if self.is_conv:
+            conv = {"kernel_size": org.kernel_size, "stride": org.stride, "padding": org.padding,
+                    "dilation": org.dilation}
+        w1 = self._w1(params)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(w1.dtype)
-        hidden = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1]) @ w2.to(x.dtype).t()  # (..., c, b)
-        out = (w1.to(x.dtype) * self.scale) @ hidden  # (..., a, b)
-        return out.reshape(*x.shape[:-1], w1.shape[0] * w2.shape[0])
+        return lokr_delta(x, w1, params.get("lokr_w2"), params.get("lokr_w2_a"), params.get("lokr_w2_b"), self.scale,
+                          conv)
 
     def init_factors(self) -> None:
         with torch.no_grad():
