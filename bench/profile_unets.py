@@ -119,9 +119,8 @@ def main() -> None:
     unet.train()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     unet.to(dtype)
-    for q in params:
+    for q in params:  # the network in fp32 (mixed precision), trained
         q.data = q.data.float()
-    for q in params:
         q.requires_grad_(True)
     side = args.resolution // 8
     x = torch.randn(1, 4, side, side, dtype=dtype)
@@ -139,6 +138,8 @@ def main() -> None:
         x.requires_grad_(True)
 
     def step():
+        for q in params:  # as the trainers' zero_grad(set_to_none=True)
+            q.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             out = call(x, t, ctx, pooled)
         out.float().mean().backward()
@@ -149,9 +150,10 @@ def main() -> None:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    with_gradient = sum(int(q.grad is not None and bool(q.grad.abs().sum() > 0)) for q in params)
     result = {"impl": args.impl, "arch": args.arch, "gradient_checkpointing": args.gradient_checkpointing,
               "lora": args.lora, "precision": args.precision, "lora_tensors": len(params),
-              "lora_tensors_with_gradient": sum(int(q.grad is not None and bool(q.grad.abs().sum() > 0)) for q in params), "threads": torch.get_num_threads(), "step_times": times,
+              "lora_tensors_with_gradient": with_gradient, "threads": torch.get_num_threads(), "step_times": times,
               "s_per_step": statistics.median(times)}
     print(f"{args.impl} {args.arch} {args.precision}{' gc' if args.gradient_checkpointing else ''}"
           f"{' lora' if args.lora else ''}: {result['s_per_step']:.3f} s/step (threads {result['threads']}; {times})")

@@ -122,6 +122,13 @@ def _fill(model: torch.nn.Module, component: str, reader, layout: lc.LdmLayout, 
     return model.eval()
 
 
+def _fill_all(models: dict[str, torch.nn.Module], reader, layout: lc.LdmLayout, dtype, device, source: str,
+              desc: str) -> None:
+    with tqdm(total=sum(len(m.state_dict()) for m in models.values()), desc=desc, unit="tensor", disable=None) as bar:
+        for component, model in models.items():
+            _fill(model, component, reader, layout, dtype, device, source, bar)
+
+
 def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, tokenizer_cache_dir, dtype, device,
                       want_vae: bool, defer_unet: bool = False) -> ModelComponents:
     from library.tensor_stream import TensorFile
@@ -138,11 +145,8 @@ def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, to
         if ema:
             logger.info("%s: ignoring %d model_ema.* tensors (the EMA copy); the model weights are used", path, ema)
         models = empty_models_for_layout(layout, with_vae=want_vae)
-        now = {name: m for name, m in models.items() if not (defer_unet and name == "unet")}
-        with tqdm(total=sum(len(m.state_dict()) for m in now.values()), desc="loading", unit="tensor",
-                  disable=None) as bar:
-            for component, model in now.items():
-                _fill(model, component, reader, layout, dtype, device, str(path), bar)
+        _fill_all({name: m for name, m in models.items() if not (defer_unet and name == "unet")}, reader, layout,
+                  dtype, device, str(path), "loading")
         _log_unused_keys(path, shapes, models, layout)
         tes = [models[n] for n in lc.TE_COMPONENTS[: len(layout.text_encoder_configs)]]
         for i, te in enumerate(tes):
@@ -161,9 +165,8 @@ def _load_single_file(path: Path, v2: bool, sdxl: bool | None, v_param: bool, to
 def _fill_deferred_unet(path: Path, unet: torch.nn.Module, layout: lc.LdmLayout, dtype, device) -> torch.nn.Module:
     from library.tensor_stream import TensorFile
 
-    with TensorFile(path) as reader, tqdm(total=len(unet.state_dict()), desc="loading U-Net", unit="tensor",
-                                          disable=None) as bar:
-        _fill(unet, "unet", reader, layout, dtype, device, str(path), bar)
+    with TensorFile(path) as reader:
+        _fill_all({"unet": unet}, reader, layout, dtype, device, str(path), "loading U-Net")
     logger.info("loaded the U-Net from %s", path)
     return unet
 

@@ -99,6 +99,7 @@ class NetworkTrainer:
         self.data_config = load_dataset_config(args)  # validates the data before any model loads
         if getattr(args, "cache_text_encoder_outputs", False):
             train_args.check_captions_fixed(self.data_config)
+        self.cache_te_outputs = getattr(args, "cache_text_encoder_outputs", False) or self._te_outputs_fixed()
         log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
         log_dir = None
         if args.logging_dir:
@@ -172,8 +173,7 @@ class NetworkTrainer:
         """True when the text encoders and the VAE are done (outputs cached, not trained, no fp8 or base weights
         to apply to all at once) before the U-Net is needed."""
         args = self.args
-        te_cached = getattr(args, "cache_text_encoder_outputs", False) or self._te_outputs_fixed()
-        return bool(args.network_train_unet_only and getattr(args, "cache_latents", False) and te_cached
+        return bool(args.network_train_unet_only and getattr(args, "cache_latents", False) and self.cache_te_outputs
                     and not args.base_weights and not getattr(args, "fp8_base", False)
                     and not getattr(args, "fp8_base_unet", False))
 
@@ -210,7 +210,7 @@ class NetworkTrainer:
                                            cache_to_disk=getattr(args, "cache_latents_to_disk", False),
                                            processes=self.accelerator.state)
         self.te_cache = None
-        if getattr(args, "cache_text_encoder_outputs", False) or self._te_outputs_fixed():
+        if self.cache_te_outputs:
             from library.te_cache import TextEncoderOutputCache
 
             self.te_cache = TextEncoderOutputCache.build(self.dataset, c, args, self.device,
@@ -231,14 +231,12 @@ class NetworkTrainer:
         args = self.args
         if not (args.network_train_unet_only and getattr(args, "cache_latents", False)) or args.weighted_captions:
             return False
-        if not hasattr(self, "_fixed_te_outputs"):
-            try:
-                train_args.check_captions_fixed(self.data_config)
-                self._fixed_te_outputs = True
-                logger.info("U-Net-only training with fixed captions: caching the text encoder outputs")
-            except ValueError:
-                self._fixed_te_outputs = False
-        return self._fixed_te_outputs
+        try:
+            train_args.check_captions_fixed(self.data_config)
+        except ValueError:
+            return False
+        logger.info("U-Net-only training with fixed captions: caching the text encoder outputs")
+        return True
 
     def _enable_gradient_checkpointing(self) -> None:
         c = self.components
@@ -426,7 +424,6 @@ class NetworkTrainer:
         return path
 
     def _loop(self, progress: train_state.Progress) -> None:
-        args = self.args
         plan = self.plan
         for epoch in range(progress.epoch, plan.num_epochs):
             progress.epoch = epoch

@@ -173,36 +173,20 @@ class AdapterNetwork(LoRANetwork):
 
     algo = "lora"
     algo_args: dict[str, Any] = {}
+    weight_parts = am.ADAPTER_KEYS
 
     def adapter_modules(self) -> list[torch.nn.Module]:
         return self.text_encoder_loras + self.unet_loras
 
     def load_weights(self, file: str | os.PathLike, weights_sd: Mapping[str, torch.Tensor] | None = None):
         sd = load_state_dict(file) if weights_sd is None else dict(weights_sd)
-        sd = normalize_weights(sd, self, source=str(file), parts=am.ADAPTER_KEYS)
+        sd = normalize_weights(sd, self, source=str(file), parts=self.weight_parts)
         info = self.load_state_dict(sd, strict=False)
         missing = sorted({split_key(k)[0] for k in info.missing_keys})
         if missing:
             logger.warning("%s: %d modules of this network are not in the file and keep their initial weights: %s",
                            file, len(missing), ", ".join(missing))
         return info
-
-    def merge_to(self, text_encoder=None, unet=None, weights_sd: Mapping[str, torch.Tensor] | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        grouped = None
-        if weights_sd is not None:
-            if unet is not None or text_encoder is not None:
-                weights_sd = normalize_weights(weights_sd, resolver=LoRANameResolver(text_encoder, unet),
-                                               source="merge_to weights", parts=am.ADAPTER_KEYS)
-            grouped = am.group_modules(weights_sd)
-        merged = 0
-        for module in self.adapter_modules():
-            parts = grouped.get(module.lora_name) if grouped is not None else {}
-            if parts is None:
-                continue
-            module.merge_to(parts, dtype, device)
-            merged += 1
-        logger.info("merged %d network modules into the model weights", merged)
 
     def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
         """Scale down modules whose `||delta||_F` exceeds `max_norm_value`. The delta is linear in each factor, so

@@ -19,7 +19,8 @@ import torch
 from library.file_io import load_state_dict
 from networks import lora_blocks, loraplus
 from networks.lora_fused import can_fuse, fused_lora_linear
-from networks.lora_files import conform_shapes, normalize_weights, safetensors_hashes, save_lora_file  # noqa: F401
+from networks.lora_files import (LORA_PARTS, conform_shapes, normalize_weights, safetensors_hashes,  # noqa: F401
+                                 save_lora_file)
 from networks.lora_names import LoRANameResolver, LoRATarget, is_sdxl_unet, lora_targets, split_key
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class LoRANetwork(torch.nn.Module):
     TEXT_ENCODER_TARGET_REPLACE_MODULE = ["CLIPAttention", "CLIPMLP"]
     LORA_PREFIX_UNET = "lora_unet"
     LORA_PREFIX_TEXT_ENCODER = "lora_te"
+    weight_parts: tuple[str, ...] = LORA_PARTS  # the per-module keys its files hold
 
     def __init__(self, text_encoder, unet, multiplier: float = 1.0, lora_dim: int = 4, alpha: float = 1,
                  dropout: float | None = None, rank_dropout: float | None = None,
@@ -279,18 +281,18 @@ class LoRANetwork(torch.nn.Module):
         if weights_sd is not None:
             if unet is not None or text_encoder is not None:
                 weights_sd = normalize_weights(weights_sd, resolver=LoRANameResolver(text_encoder, unet),
-                                               source="merge_to weights")
+                                               source="merge_to weights", parts=self.weight_parts)
             for key, value in weights_sd.items():
                 name, rest = split_key(key)
                 grouped.setdefault(name, {})[rest] = value
         merged = 0
-        for lora in self.text_encoder_loras + self.unet_loras:
-            sd = grouped.get(lora.lora_name) if weights_sd is not None else {}
+        for module in self.text_encoder_loras + self.unet_loras:
+            sd = grouped.get(module.lora_name) if weights_sd is not None else {}
             if sd is None:
                 continue
-            lora.merge_to(sd, dtype, device)
+            module.merge_to(sd, dtype, device)
             merged += 1
-        logger.info("merged %d LoRA modules into the model weights", merged)
+        logger.info("merged %d network modules into the model weights", merged)
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from library.file_io import load_state_dict, read_metadata
-from tests.train_helpers import base_args, train
+from tests.train_helpers import base_args, nan_loss_at_step, train
 
 
 def _fixed_loss(trainer, multiplier: float) -> float:
@@ -107,13 +107,7 @@ def test_ctrl_c_saves_and_nan_stops_keeping_last_save(model, dataset, tmp_path, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.undo()
 
-    original_loss = network_trainer.NetworkTrainer.loss
-
-    def nan_at_step_4(self, batch):
-        loss = original_loss(self, batch)
-        return loss * float("nan") if self.progress.global_step == 3 else loss
-
-    monkeypatch.setattr(network_trainer.NetworkTrainer, "loss", nan_at_step_4)
+    nan_loss_at_step(monkeypatch, 4)
     out2 = tmp_path / "out2"
     with pytest.raises(network_trainer.TrainingStopped, match=r"loss is nan at step 4.*lora-step00000003-before"):
         train(base_args(model, dataset, out2, "--max_train_steps", "10", "--save_every_n_steps", "2"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from library.file_io import load_state_dict
-from tests.train_helpers import base_args, reset_accelerate, train
+from tests.train_helpers import base_args, nan_loss_at_step, reset_accelerate, train
 
 
 def _finite(path) -> bool:
@@ -19,13 +19,7 @@ def _finite(path) -> bool:
 def test_nan_loss_before_the_first_save_keeps_the_network_and_state(model, dataset, tmp_path, monkeypatch):
     from library import network_trainer
 
-    original_loss = network_trainer.NetworkTrainer.loss
-
-    def nan_at_step_3(self, batch):
-        loss = original_loss(self, batch)
-        return loss * float("nan") if self.progress.global_step == 2 else loss
-
-    monkeypatch.setattr(network_trainer.NetworkTrainer, "loss", nan_at_step_3)
+    nan_loss_at_step(monkeypatch, 3)
     out = tmp_path / "out"
     reset_accelerate()
     with pytest.raises(SystemExit) as e:

@@ -74,3 +74,16 @@ def train(argv: list[str], sdxl: bool = False):
 
     reset_accelerate()
     return run(parse(argv, sdxl), sdxl)
+
+
+def nan_loss_at_step(monkeypatch, step: int) -> None:
+    """Make the trainer's loss NaN at optimizer step `step` (1-based) of the next runs."""
+    from library import network_trainer
+
+    original_loss = network_trainer.NetworkTrainer.loss
+
+    def loss(self, batch):
+        value = original_loss(self, batch)
+        return value * float("nan") if self.progress.global_step == step - 1 else value
+
+    monkeypatch.setattr(network_trainer.NetworkTrainer, "loss", loss)
